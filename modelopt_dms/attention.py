@@ -1,0 +1,252 @@
+"""The DMS attention module: an in-place dynamic subclass of a Hugging Face attention class.
+
+One forward serves every supported family (Llama, Mistral, Qwen2, Qwen3): q/k/v projections,
+optional q/k norms, decision logits, RoPE, then one of four attention paths:
+
+* eviction disabled: the model's own attention function and cache (the teacher; exact original);
+* a :class:`~modelopt_dms.cache.DMSCache`: compact per-head cache (inference);
+* training: soft delayed-eviction bias with noisy, straight-through decisions;
+* eval without a DMS cache: dense attention under the hard mask (the masked reference path).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from modelopt.torch.opt.dynamic import DynamicModule, _DMRegistryCls
+from torch import nn
+
+from .config import DMSConfig
+from .decisions import DMSDecisionAdapter, logistic_noise, relaxed_decisions
+from .masks import grouped_attention, hard_visibility, soft_eviction_bias
+
+__all__ = ["DMSAttention", "DMSAttentionRegistry", "DMSRuntime", "SUPPORTED_ATTENTION_CLASSES"]
+
+DMSAttentionRegistry = _DMRegistryCls("DMS")
+
+
+def _supported_classes() -> dict[type[nn.Module], str]:
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.mistral.modeling_mistral import MistralAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+    return {
+        LlamaAttention: "LlamaAttention",
+        MistralAttention: "MistralAttention",
+        Qwen2Attention: "Qwen2Attention",
+        Qwen3Attention: "Qwen3Attention",
+    }
+
+
+SUPPORTED_ATTENTION_CLASSES = _supported_classes()
+
+
+@dataclass
+class DMSRuntime:
+    """Per-module DMS settings (from the config) and run-time switches (not saved)."""
+
+    window_size: int
+    decision: str
+    granularity: str
+    temperature: float
+    logit_scale: float
+    logit_offset: float
+    noise_seed: int
+    eviction_disabled: bool = False
+    step: int = 0
+    residual: torch.Tensor | None = None
+    last_decisions: torch.Tensor | None = None
+    record: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dense_visibility_from_hf_mask(mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Turn the mask transformers passes to attention into a boolean (B, 1, Tq, Tk) mask."""
+    if mask is None:
+        return None
+    mask = mask[..., -q_len:, :k_len]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+@DMSAttentionRegistry.register(SUPPORTED_ATTENTION_CLASSES)
+class DMSAttention(DynamicModule):
+    """DMS version of a decoder attention layer (created by the ``dms`` mode, not by hand)."""
+
+    def _setup(self, config: DMSConfig | None = None) -> None:
+        config = config or DMSConfig()
+        self._dms = DMSRuntime(
+            window_size=config.window_size,
+            decision=config.decision,
+            granularity=config.granularity,
+            temperature=config.temperature,
+            logit_scale=config.logit_scale,
+            logit_offset=config.logit_offset,
+            noise_seed=config.noise_seed,
+        )
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
+        if config.decision == "adapter":
+            ref = self.k_proj.weight
+            self.dms_adapter = DMSDecisionAdapter(
+                self.config.hidden_size,
+                self.num_kv_heads,
+                eps=getattr(self.config, "rms_norm_eps", 1e-6),
+                device=ref.device,
+                dtype=ref.dtype,
+            )
+        self._hf_module = inspect.getmodule(self.get_original_cls_by_level(level=0))
+
+    # ------------------------------------------------------------------ decisions
+    def _decision_logits(self, query: torch.Tensor) -> torch.Tensor:
+        """Decision logits ``(B, Hkv, T)`` in float32 (before noise and temperature)."""
+        rt = self._dms
+        if rt.decision == "adapter":
+            if rt.residual is None:
+                raise RuntimeError(
+                    "DMS adapter decision needs the decoder layer's residual input; the layer "
+                    "hook did not run. Call the whole model (or its decoder layer), not the "
+                    "attention module alone."
+                )
+            raw = self.dms_adapter(rt.residual).transpose(1, 2).float()  # (B, Hkv, T)
+        else:
+            bsz, _, q_len, _ = query.shape
+            group = query.shape[1] // self.num_kv_heads
+            raw = query.view(bsz, self.num_kv_heads, group, q_len, -1)[:, :, 0, :, -1].float()
+        logits = rt.logit_scale * raw - rt.logit_offset
+        if rt.granularity == "layer":
+            logits = logits[:, :1].expand_as(logits)
+        return logits
+
+    def _zero_borrowed_channel(self, query: torch.Tensor) -> torch.Tensor:
+        """Zero the last channel of the first query head of every GQA group."""
+        group = query.shape[1] // self.num_kv_heads
+        keep = torch.ones(query.shape[1], query.shape[-1], dtype=query.dtype, device=query.device)
+        keep[::group, -1] = 0
+        return query * keep[None, :, None, :]
+
+    def _noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        rt = self._dms
+        seed = (rt.noise_seed * 1_000_003 + rt.step) * 4099 + int(self.layer_idx)
+        return logistic_noise(shape, seed, device)
+
+    # ------------------------------------------------------------------ hooks for chaining
+    def _dms_quantize_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity here; the quantized DMS attention applies its k/v quantizers."""
+        return key, value
+
+    # ------------------------------------------------------------------ forward
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rt = self._dms
+        residual, rt.residual = rt.residual, None
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+
+        borrowed = rt.decision == "borrowed_neuron"
+        logits = None
+        if not rt.eviction_disabled or borrowed:
+            rt.residual = residual
+            logits = self._decision_logits(query)
+            rt.residual = None
+        if borrowed:
+            query = self._zero_borrowed_channel(query)
+        cos, sin = position_embeddings
+        query, key = self._hf_module.apply_rotary_pos_emb(query, key, cos, sin)
+        if borrowed:
+            query = self._zero_borrowed_channel(query)
+        key, value = self._dms_quantize_kv(key, value)
+
+        if rt.eviction_disabled:
+            out = self._standard_attention(query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs)
+        elif getattr(past_key_values, "is_dms_cache", False):
+            decisions = logits > 0
+            self._record(decisions.float())
+            out = past_key_values.dms_attend(
+                self.layer_idx, query, key, value, decisions, attention_mask, self.scaling, rt.window_size
+            )
+        elif self.training:
+            out = self._training_attention(query, key, value, logits, attention_mask, past_key_values)
+        else:
+            out = self._hard_masked_attention(query, key, value, logits, attention_mask, past_key_values)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+    def _record(self, decisions: torch.Tensor) -> None:
+        if self._dms.record:
+            self._dms.last_decisions = decisions
+
+    def _standard_attention(self, query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs):
+        if past_key_values is not None:
+            if getattr(past_key_values, "is_dms_cache", False):
+                no_evict = torch.zeros(key.shape[:-1], dtype=torch.bool, device=key.device)
+                return past_key_values.dms_attend(
+                    self.layer_idx, query, key, value, no_evict, attention_mask, self.scaling, self._dms.window_size
+                )
+            cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+            key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
+        interface = self._hf_module.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, self._hf_module.eager_attention_forward
+        )
+        sliding = getattr(self, "sliding_window", None)
+        extra = {"sliding_window": sliding} if sliding is not None else {}
+        out, _ = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        return out
+
+    def _training_attention(self, query, key, value, logits, attention_mask, past_key_values):
+        if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+            raise RuntimeError("DMS training forward takes whole sequences: pass use_cache=False.")
+        rt = self._dms
+        noise = self._noise(tuple(logits.shape), logits.device)
+        z, hard = relaxed_decisions(logits, rt.temperature, noise)
+        if rt.granularity == "layer":
+            z, hard = z[:, :1].expand_as(z), hard[:, :1].expand_as(hard)
+        self._record(hard)
+        bias = soft_eviction_bias(z, rt.window_size)
+        mask = _dense_visibility_from_hf_mask(attention_mask, query.shape[2], key.shape[2])
+        return grouped_attention(query, key, value, self.scaling, mask=mask, bias=bias)
+
+    def _hard_masked_attention(self, query, key, value, logits, attention_mask, past_key_values):
+        decisions = logits > 0
+        self._record(decisions.float())
+        q_len = query.shape[2]
+        if past_key_values is not None:
+            history = past_key_values.__dict__.setdefault("_dms_decision_history", {})
+            past = history.get(self.layer_idx)
+            decisions = decisions if past is None else torch.cat([past, decisions], dim=-1)
+            history[self.layer_idx] = decisions
+            key, value = past_key_values.update(key, value, self.layer_idx, {})
+        k_len = key.shape[2]
+        q_pos = torch.arange(k_len - q_len, k_len, device=query.device)
+        visible = hard_visibility(decisions, self._dms.window_size, q_pos)
+        hf_mask = _dense_visibility_from_hf_mask(attention_mask, q_len, k_len)
+        if hf_mask is not None:
+            visible = visible & hf_mask
+        return grouped_attention(query, key, value, self.scaling, mask=visible)
