@@ -71,6 +71,7 @@ def eviction_rate(model: nn.Module, valid: torch.Tensor | None = None) -> torch.
 
     Args:
         valid: optional ``(B, T)`` mask of real (non-padding) positions to average over.
+
     """
     decisions = collect_decisions(model)
     if not decisions:

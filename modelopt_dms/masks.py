@@ -41,6 +41,7 @@ def hard_visibility(
 
     Returns:
         ``(B, H, Tq, Tk)`` boolean mask (True = visible). Padding is not handled here.
+
     """
     num_keys = decisions.shape[-1]
     if q_positions is None:
@@ -81,14 +82,16 @@ def grouped_attention(
     Returns:
         ``(B, Tq, Hq, D)`` (the layout attention modules reshape into ``o_proj``). Query rows that
         see no key return zeros.
+
     """
     bsz, num_q_heads, q_len, head_dim = query.shape
     num_kv = key.shape[1]
     group = num_q_heads // num_kv
     q = query.view(bsz, num_kv, group, q_len, head_dim)
-    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).to(acc) * scaling
     if bias is not None:
-        scores = scores + bias.float().unsqueeze(2)
+        scores = scores + bias.to(acc).unsqueeze(2)
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import SUPPORTED_ATTENTION_CLASSES, DMSAttention, DMSAttentionRegistry
 from .config import DMSConfig
+from .generation import install_dms_generation, uninstall_dms_generation
 
 __all__ = ["DMS_FORMAT_VERSION", "DMSModeDescriptor", "DMSModeRegistry", "is_dms_model"]
 
@@ -111,8 +112,10 @@ def convert_to_dms(model: nn.Module, config: DMSConfig, **kwargs: Any) -> Conver
             converted.append((layer, attn, None))
             handle = layer.register_forward_pre_hook(_stash_residual, with_kwargs=True)
             converted[-1] = (layer, attn, handle)
+        install_dms_generation(model)
     except Exception as err:
         _rollback(converted)
+        uninstall_dms_generation(model)
         raise ApplyModeError(f"DMS conversion failed and was rolled back: {err}") from err
     return model, _metadata(model)
 
