@@ -149,6 +149,7 @@ class DMSAttention(DynamicModule):
         cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Same signature and outputs as the Hugging Face attention it replaces."""
         rt = self._dms
         residual, rt.residual = rt.residual, None
         input_shape = hidden_states.shape[:-1]
@@ -175,7 +176,9 @@ class DMSAttention(DynamicModule):
         key, value = self._dms_quantize_kv(key, value)
 
         if rt.eviction_disabled:
-            out = self._standard_attention(query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs)
+            out = self._standard_attention(
+                query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs
+            )
         elif getattr(past_key_values, "is_dms_cache", False):
             decisions = logits > 0
             self._record(decisions.float())
@@ -193,12 +196,21 @@ class DMSAttention(DynamicModule):
         if self._dms.record:
             self._dms.last_decisions = decisions
 
-    def _standard_attention(self, query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs):
+    def _standard_attention(
+        self, query, key, value, attention_mask, past_key_values, cos, sin, cache_position, **kwargs
+    ):
         if past_key_values is not None:
             if getattr(past_key_values, "is_dms_cache", False):
                 no_evict = torch.zeros(key.shape[:-1], dtype=torch.bool, device=key.device)
                 return past_key_values.dms_attend(
-                    self.layer_idx, query, key, value, no_evict, attention_mask, self.scaling, self._dms.window_size
+                    self.layer_idx,
+                    query,
+                    key,
+                    value,
+                    no_evict,
+                    attention_mask,
+                    self.scaling,
+                    self._dms.window_size,
                 )
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
             key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)

@@ -210,7 +210,12 @@ class DMSCache(Cache):
         row.n = 0
         self._resize(row, kept.numel())
         cnt = kept.numel()
-        row.k[:cnt], row.v[:cnt], row.pos[:cnt], row.flag[:cnt] = keys[kept], vals[kept], pos[kept], flag[kept]
+        row.k[:cnt], row.v[:cnt], row.pos[:cnt], row.flag[:cnt] = (
+            keys[kept],
+            vals[kept],
+            pos[kept],
+            flag[kept],
+        )
         row.n = cnt
         kept_pos = row.pos[:cnt]
         win_slots = (kept_pos > last - big_w).nonzero().flatten()
@@ -245,7 +250,7 @@ class DMSCache(Cache):
     # ------------------------------------------------------------------ memory and statistics
     def release(self, batch_index: int | None = None) -> None:
         """Free the storage of one finished sequence (``batch_index``) or of the whole cache."""
-        for layer_idx, rows in self._rows.items():
+        for _layer_idx, rows in self._rows.items():
             for b, heads in enumerate(rows):
                 if batch_index is not None and b != batch_index:
                     continue
@@ -261,8 +266,14 @@ class DMSCache(Cache):
         """Stored positions, flags, keys and values of one row (for inspection and tests)."""
         row = self._rows[layer_idx][batch][head]
         n = row.n
-        return {"pos": row.pos[:n].clone(), "flag": row.flag[:n].clone(), "k": row.k[:n], "v": row.v[:n],
-                "seen": row.seen, "capacity": row.capacity}
+        return {
+            "pos": row.pos[:n].clone(),
+            "flag": row.flag[:n].clone(),
+            "k": row.k[:n],
+            "v": row.v[:n],
+            "seen": row.seen,
+            "capacity": row.capacity,
+        }
 
 
 def _real_tokens(mask, bsz, q_len, past, device) -> torch.Tensor:

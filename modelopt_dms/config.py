@@ -54,9 +54,7 @@ class DMSConfig(ModeloptBaseConfig):
         title="Layers to convert",
         description="Indices of decoder layers that get DMS; None converts every layer.",
     )
-    noise_seed: int = ModeloptField(
-        default=0, ge=0, le=2**31 - 1, title="Base seed of the training noise"
-    )
+    noise_seed: int = ModeloptField(default=0, ge=0, le=2**31 - 1, title="Base seed of the training noise")
 
     @field_validator("layers")
     @classmethod

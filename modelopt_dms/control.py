@@ -42,7 +42,7 @@ def eviction_disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, prev in zip(mods, previous):
+        for m, prev in zip(mods, previous, strict=False):
             m._dms.eviction_disabled = prev
 
 

@@ -34,9 +34,7 @@ class DMSDecisionAdapter(nn.Module):
         return self.proj(normed)
 
 
-def logistic_noise(
-    shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def logistic_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Logistic(0, 1) noise as the difference of two Gumbel(0, 1) draws, fully determined by seed."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed) % (2**63 - 1))
     tiny = torch.finfo(torch.float32).tiny

@@ -70,7 +70,9 @@ def _validate(model: nn.Module, config: DMSConfig) -> list[tuple[nn.Module, nn.M
         )
     targets = _find_targets(model)
     if not targets:
-        classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+        classes = sorted(
+            {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+        )
         raise ApplyModeError(
             f"No supported attention layer in {type(model).__name__} (found: {classes or 'none'}). "
             f"DMS supports the Hugging Face attention classes: {_SUPPORTED_NAMES}."
