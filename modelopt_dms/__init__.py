@@ -4,8 +4,16 @@
 """
 
 from .attention import DMSAttention
+from .cache import DMSCache, cache_stats
 from .config import DMSConfig
-from .control import collect_decisions, dms_modules, eviction_disabled, eviction_rate, set_step
+from .control import (
+    collect_decisions,
+    dms_modules,
+    eviction_disabled,
+    eviction_rate,
+    fixed_eviction,
+    set_step,
+)
 from .conversion import apply_dms
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
 
@@ -14,13 +22,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DMS_FORMAT_VERSION",
     "DMSAttention",
+    "DMSCache",
     "DMSConfig",
     "DMSModeDescriptor",
     "apply_dms",
+    "cache_stats",
     "collect_decisions",
     "dms_modules",
     "eviction_disabled",
     "eviction_rate",
+    "fixed_eviction",
     "is_dms_model",
     "set_step",
 ]

@@ -61,6 +61,7 @@ class DMSRuntime:
     residual: torch.Tensor | None = None
     last_decisions: torch.Tensor | None = None
     record: bool = True
+    keep_every: int | None = None  # fixed eviction pattern for benchmarks (see control.fixed_eviction)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +73,16 @@ def _dense_visibility_from_hf_mask(mask: torch.Tensor | None, q_len: int, k_len:
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _pattern_logits(
+    logits: torch.Tensor, cache_position: torch.Tensor | None, keep_every: int
+) -> torch.Tensor:
+    """Replace decisions by a fixed pattern: key ``k`` is kept iff ``k % keep_every == 0``."""
+    num = logits.shape[-1]
+    pos = cache_position if cache_position is not None else torch.arange(num, device=logits.device)
+    evict = ((pos[-num:] - 1) % keep_every) != 0  # d_t governs key t - 1
+    return torch.where(evict, 1.0, -1.0).to(logits.dtype).expand_as(logits)
 
 
 @DMSAttentionRegistry.register(SUPPORTED_ATTENTION_CLASSES)
@@ -167,6 +178,8 @@ class DMSAttention(DynamicModule):
             rt.residual = residual
             logits = self._decision_logits(query)
             rt.residual = None
+            if rt.keep_every is not None:
+                logits = _pattern_logits(logits, cache_position, rt.keep_every)
         if borrowed:
             query = self._zero_borrowed_channel(query)
         cos, sin = position_embeddings

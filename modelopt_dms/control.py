@@ -15,6 +15,7 @@ __all__ = [
     "dms_modules",
     "eviction_disabled",
     "eviction_rate",
+    "fixed_eviction",
     "set_step",
 ]
 
@@ -44,6 +45,26 @@ def eviction_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, prev in zip(mods, previous, strict=False):
             m._dms.eviction_disabled = prev
+
+
+@contextmanager
+def fixed_eviction(model: nn.Module, keep_every: int) -> Iterator[nn.Module]:
+    """Override learned decisions with a fixed pattern: keep key ``k`` iff ``k % keep_every == 0``.
+
+    Positions are the logical token indices (``cache_position``), so the eviction rate is known
+    exactly: ``1 - 1/keep_every`` of the tokens outside the window. For benchmarks and tests.
+    """
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    mods = _require(model)
+    previous = [m._dms.keep_every for m in mods]
+    for m in mods:
+        m._dms.keep_every = keep_every
+    try:
+        yield model
+    finally:
+        for m, prev in zip(mods, previous, strict=True):
+            m._dms.keep_every = prev
 
 
 def set_step(model: nn.Module, step: int) -> None:
