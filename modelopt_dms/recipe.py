@@ -1,0 +1,112 @@
+"""YAML recipes: one validated file that says how to retrofit, train and save a DMS model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import DMSConfig
+
+__all__ = ["Recipe", "RecipeError", "load_recipe"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """Which model to retrofit."""
+
+    name_or_path: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataSection(_Section):
+    """Real text, tokenised into single-document sequences (cached on disk)."""
+
+    text_glob: str = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
+    seq_len: int = Field(256, ge=8, le=65536)
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    max_sequences: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    cache_dir: str = ".cache/modelopt_dms/data"
+
+
+class TrainSection(_Section):
+    """Optimisation schedule (see TrainConfig)."""
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1)
+    cr_start: float = Field(1.0, ge=1.0)
+    cr_end: float = Field(8.0, ge=1.0)
+    anneal_steps: int = Field(150, ge=0)
+    compression_weight: float = Field(1.0, ge=0.0)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    train_all_weights: bool = False
+    autocast_bf16: bool = False
+    checkpoint_every: int = Field(50, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class OutputSection(_Section):
+    """Where the run writes its checkpoint, log and adapters."""
+
+    dir: str = "runs/dms"
+    adapters_dir: str | None = None
+
+
+class Recipe(_Section):
+    """A complete DMS retrofit recipe."""
+
+    model: ModelSection = ModelSection()
+    dms: dict[str, Any] = Field(default_factory=dict)
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+
+    def dms_config(self) -> DMSConfig:
+        """The validated DMS mode config of this recipe."""
+        return DMSConfig(**self.dms)
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used; the message names the key path and the fix."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"Invalid recipe {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; errors name each bad key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping of sections (model, dms, data, train, output).")
+    try:
+        recipe = Recipe(**raw)
+        recipe.dms_config()
+    except ValidationError as err:
+        if err.title == "DMSConfig":
+            err_text = _format(err, str(path)).replace("\n  ", "\n  dms.")
+            raise RecipeError(err_text) from err
+        raise RecipeError(_format(err, str(path))) from err
+    return recipe

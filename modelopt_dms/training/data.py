@@ -1,0 +1,96 @@
+"""Real-text training data: tokenised, cut into fixed-length sequences, cached on disk."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["PYTHON_DOCS_GLOB", "build_token_sequences", "read_text_files"]
+
+PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
+
+
+def read_text_files(pattern: str, min_chars: int = 2000) -> list[tuple[str, str]]:
+    """Sorted ``(path, text)`` documents matching a glob (recursive), skipping short files."""
+    paths = sorted(set(glob.glob(pattern, recursive=True)))
+    if not paths:
+        raise FileNotFoundError(
+            f"No text files match {pattern!r}. For the Python docs corpus run "
+            "`apt-get install -y python3-doc`, or point data.text_glob at your own .txt files."
+        )
+    docs = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8", errors="replace")
+        if len(text) >= min_chars:
+            docs.append((p, text))
+    return docs
+
+
+def _split(docs: list[tuple[str, str]], heldout_fraction: float, seed: int) -> dict[str, list]:
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(len(docs) * heldout_fraction))
+    held = set(order[:n_held])
+    return {
+        "train": [d for i, d in enumerate(docs) if i not in held],
+        "heldout": [d for i, d in enumerate(docs) if i in held],
+    }
+
+
+def build_token_sequences(
+    tokenizer,
+    pattern: str,
+    seq_len: int,
+    split: str = "train",
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+    max_sequences: int | None = None,
+    cache_dir: str | None = None,
+) -> torch.Tensor:
+    """``(N, seq_len)`` token ids; every sequence is cut from ONE document (no cross-document packing).
+
+    Documents are split into train/held-out by file (deterministic from ``seed``); the result is
+    cached as safetensors under ``cache_dir`` keyed by all arguments and the tokenizer vocabulary.
+    """
+    docs = read_text_files(pattern)
+    key = json.dumps(
+        [
+            pattern,
+            seq_len,
+            split,
+            heldout_fraction,
+            seed,
+            max_sequences,
+            len(docs),
+            tokenizer.vocab_size,
+            getattr(tokenizer, "name_or_path", ""),
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"tokens-{split}-{digest}.safetensors") if cache_dir else None
+    if path and os.path.exists(path):
+        return load_file(path)["input_ids"]
+    seqs = []
+    for _, text in _split(docs, heldout_fraction, seed)[split]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            seqs.append(ids[start : start + seq_len])
+    if not seqs:
+        raise ValueError(f"No document in the {split} split has {seq_len} tokens; lower seq_len.")
+    random.Random(seed + 1).shuffle(seqs)
+    if max_sequences is not None:
+        seqs = seqs[:max_sequences]
+    out = torch.tensor(seqs, dtype=torch.long)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        save_file({"input_ids": out}, tmp)
+        os.replace(tmp, path)
+    return out

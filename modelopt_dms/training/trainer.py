@@ -1,0 +1,211 @@
+"""Distillation trainer for DMS decision heads (DESIGN.md §2, "Distillation").
+
+The teacher is the same model under :func:`modelopt_dms.eviction_disabled` (no second copy of the
+weights). Loss = KL(teacher ‖ student) per token + ``compression_weight`` × one-sided compression
+loss against the linearly annealed target ratio. Checkpoints are atomic and hold everything
+needed to resume the same loss curve (DMS state, optimizer, step, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..control import eviction_disabled, eviction_rate, set_step
+from .losses import compression_loss, distillation_kl, target_compression_ratio, target_eviction_rate
+
+__all__ = ["TrainConfig", "TrainingDivergedError", "train"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Training schedule and optimiser settings."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    batch_size: int = 1
+    cr_start: float = 1.0
+    cr_end: float = 8.0
+    anneal_steps: int = 150
+    compression_weight: float = 1.0
+    kl_direction: str = "forward"
+    train_all_weights: bool = False
+    autocast_bf16: bool = False
+    log_every: int = 1
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def _trainable(model: nn.Module, all_weights: bool) -> list[nn.Parameter]:
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(all_weights or "dms_adapter" in name)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ValueError(
+            "No trainable DMS parameters: the borrowed_neuron decision has no adapter; set "
+            "train.train_all_weights: true to train it."
+        )
+    return params
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    out_dir: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list
+) -> str:
+    """Atomically write ``out_dir/checkpoint`` (trainable tensors, optimizer, step, log, RNG)."""
+    final = os.path.join(out_dir, "checkpoint")
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=out_dir)
+    try:
+        save_file(_trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        opt_tensors, opt_meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
+        for pid, st in opt.state_dict()["state"].items():
+            opt_meta["state"][str(pid)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{pid}.{k}"] = v.contiguous()
+                    opt_meta["state"][str(pid)][k] = "tensor"
+                else:
+                    opt_meta["state"][str(pid)][k] = v
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "optimizer": opt_meta, "history": history}, f)
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``(step, history)``."""
+    path = os.path.join(out_dir, "checkpoint")
+    with open(os.path.join(path, "state.json")) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = {}
+    for pid, entries in meta["optimizer"]["state"].items():
+        state[int(pid)] = {k: (opt_tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entries.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
+    return int(meta["step"]), list(meta["history"])
+
+
+def train(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    config: TrainConfig,
+    out_dir: str,
+    resume: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Train the DMS decision heads of ``model`` on ``sequences`` (``(N, T)`` token ids).
+
+    Micro-batch ``i`` of step ``s`` is rows ``[(s * accum + i) * bs, ...)`` (wrapping), so a resumed
+    run sees exactly the data an uninterrupted one would. Returns the per-step history, also
+    appended to ``out_dir/train_log.jsonl``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    params = _trainable(model, config.train_all_weights)
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    start, history = 0, []
+    if resume and os.path.exists(os.path.join(out_dir, "checkpoint", "state.json")):
+        start, history = load_checkpoint(out_dir, model, opt)
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+    with open(log_path, "w") as f:  # rewrite: the log always matches the checkpointed history
+        for rec in history:
+            f.write(json.dumps(rec) + "\n")
+    n_seq = sequences.shape[0]
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
+    model.train()
+    for step in bar:
+        t0 = time.time()
+        set_step(model, step)
+        f_target = target_eviction_rate(step, config.cr_start, config.cr_end, config.anneal_steps)
+        totals = {"loss": 0.0, "kl": 0.0, "compression": 0.0, "eviction_rate": 0.0}
+        for micro in range(config.grad_accum):
+            first = (step * config.grad_accum + micro) * config.batch_size
+            rows = [(first + i) % n_seq for i in range(config.batch_size)]
+            ids = sequences[rows]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+                with torch.no_grad(), eviction_disabled(model):
+                    teacher = model(input_ids=ids, use_cache=False).logits
+                student = model(input_ids=ids, use_cache=False).logits
+                rates = eviction_rate(model)
+                kl = distillation_kl(student, teacher, direction=config.kl_direction)
+                comp = compression_loss(rates, f_target)
+                loss = kl + config.compression_weight * comp
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"Non-finite loss at step {step} (kl={kl.item()}, compression={comp.item()}); the "
+                    f"last good checkpoint in {out_dir}/checkpoint is kept. Lower train.lr."
+                )
+            (loss / config.grad_accum).backward()
+            totals["loss"] += loss.item() / config.grad_accum
+            totals["kl"] += kl.item() / config.grad_accum
+            totals["compression"] += comp.item() / config.grad_accum
+            totals["eviction_rate"] += rates.mean().item() / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = config.grad_accum * config.batch_size * sequences.shape[1]
+        rec = {
+            "step": step + 1,
+            **{k: round(v, 6) for k, v in totals.items()},
+            "target_cr": round(
+                target_compression_ratio(step, config.cr_start, config.cr_end, config.anneal_steps), 4
+            ),
+            "target_eviction_rate": round(f_target, 6),
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
+        }
+        history.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(
+            loss=f"{rec['loss']:.4f}",
+            kl=f"{rec['kl']:.4f}",
+            evict=f"{rec['eviction_rate']:.3f}",
+            cr=f"{rec['target_cr']:.2f}",
+            tok_s=f"{rec['tokens_per_s']:.0f}",
+        )
+        if config.checkpoint_every and (
+            (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+        ):
+            save_checkpoint(out_dir, model, opt, step + 1, history)
+    model.eval()
+    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+        json.dump(asdict(config), f, indent=2)
+    return history
