@@ -68,9 +68,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     match = float((new == dense_new).float().mean()) if new.numel() == dense_new.numel() else 0.0
     _log("      untrained decisions (no eviction): " + repr(tok.decode(dense_new, skip_special_tokens=True)))
     _log("      fixed eviction pattern:            " + repr(tok.decode(new, skip_special_tokens=True)))
+    alloc_mib, dense_mib = stats["kv_bytes_allocated"] / 2**20, stats["kv_bytes_dense"] / 2**20
     _log(
-        f"      cache: CR {stats['compression_ratio']:.2f}, KV allocated {stats['kv_bytes_allocated'] / 2**20:.2f} "
-        f"MiB vs dense {stats['kv_bytes_dense'] / 2**20:.2f} MiB"
+        f"      cache: CR {stats['compression_ratio']:.2f}, KV allocated {alloc_mib:.2f} MiB "
+        f"vs dense {dense_mib:.2f} MiB"
     )
     _log("[4/4] done. Training of the decision heads arrives with `modelopt-dms run <recipe>`.")
     result = {
