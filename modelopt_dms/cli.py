@@ -104,6 +104,13 @@ def run_recipe(path: str, progress: bool = True) -> dict:
     from modelopt_dms.training.trainer import TrainConfig, train
 
     recipe = load_recipe(path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun: data parallel over gloo (CPU) or nccl (GPU)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = int(os.environ.get("RANK", "0"))
     out_dir = recipe.output.dir
     os.makedirs(out_dir, exist_ok=True)
     _log(f"[recipe] {path} -> {out_dir}")
@@ -120,6 +127,8 @@ def run_recipe(path: str, progress: bool = True) -> dict:
     history = train(model, seqs, cfg, out_dir, progress=progress)
     elapsed = time.time() - t0
     adapters_dir = recipe.output.adapters_dir or os.path.join(out_dir, "adapters")
+    if rank != 0:
+        return {"rank": rank}
     dms.save_adapters(model, adapters_dir)
     summary = {
         "recipe": path,

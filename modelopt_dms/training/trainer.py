@@ -123,6 +123,31 @@ def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) 
     return int(meta["step"]), list(meta["history"])
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) of an initialised torch.distributed group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_reduce_mean(params: list[nn.Parameter], totals: dict[str, float]) -> None:
+    """Data parallelism: average gradients and logged metrics over all ranks (what DDP does)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+    metrics = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
+    dist.all_reduce(metrics, op=dist.ReduceOp.SUM)
+    for k, v in zip(sorted(totals), (metrics / world).tolist(), strict=True):
+        totals[k] = v
+
+
 def train(
     model: nn.Module,
     sequences: torch.Tensor,
@@ -148,7 +173,11 @@ def train(
         for rec in history:
             f.write(json.dumps(rec) + "\n")
     n_seq = sequences.shape[0]
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
+    world, rank = _world()
+    main_rank = rank == 0
+    bar = tqdm(
+        range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main_rank)
+    )
     model.train()
     for step in bar:
         t0 = time.time()
@@ -156,7 +185,8 @@ def train(
         f_target = target_eviction_rate(step, config.cr_start, config.cr_end, config.anneal_steps)
         totals = {"loss": 0.0, "kl": 0.0, "compression": 0.0, "eviction_rate": 0.0}
         for micro in range(config.grad_accum):
-            first = (step * config.grad_accum + micro) * config.batch_size
+            # global micro-batch index: 1 process x 2A accumulation == 2 processes x A
+            first = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
             rows = [(first + i) % n_seq for i in range(config.batch_size)]
             ids = sequences[rows]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
@@ -177,10 +207,12 @@ def train(
             totals["kl"] += kl.item() / config.grad_accum
             totals["compression"] += comp.item() / config.grad_accum
             totals["eviction_rate"] += rates.mean().item() / config.grad_accum
+        if world > 1:
+            _all_reduce_mean(params, totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens = config.grad_accum * config.batch_size * sequences.shape[1]
+        tokens = world * config.grad_accum * config.batch_size * sequences.shape[1]
         rec = {
             "step": step + 1,
             **{k: round(v, 6) for k, v in totals.items()},
@@ -192,6 +224,8 @@ def train(
             "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
         }
         history.append(rec)
+        if not main_rank:
+            continue
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(
@@ -206,6 +240,7 @@ def train(
         ):
             save_checkpoint(out_dir, model, opt, step + 1, history)
     model.eval()
-    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
-        json.dump(asdict(config), f, indent=2)
+    if main_rank:
+        with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+            json.dump({**asdict(config), "world_size": world}, f, indent=2)
     return history
