@@ -3,6 +3,7 @@
 ``import modelopt_dms`` registers the ``dms`` mode (and its plugins) with Model Optimizer.
 """
 
+from .adapters_io import load_adapters, save_adapters
 from .attention import DMSAttention
 from .cache import DMSCache, cache_stats
 from .config import DMSConfig
@@ -15,6 +16,7 @@ from .control import (
     set_step,
 )
 from .conversion import apply_dms
+from .loading import load_model
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
 
 __version__ = "0.1.0"
@@ -33,5 +35,8 @@ __all__ = [
     "eviction_rate",
     "fixed_eviction",
     "is_dms_model",
+    "load_adapters",
+    "load_model",
+    "save_adapters",
     "set_step",
 ]

@@ -130,12 +130,14 @@ def restore_dms(model: nn.Module, config: DMSConfig, metadata: MetadataDict) -> 
             f"This checkpoint was written with DMS format version {version!r}; this modelopt-dms "
             f"reads version {DMS_FORMAT_VERSION}. Re-save it with a matching modelopt-dms release."
         )
-    model, new_meta = convert_to_dms(model, config)
-    if new_meta["dms_layers"] != metadata.get("dms_layers"):
+    model = model.init_modellike() if isinstance(model, ModelLikeModule) else model
+    layers = sorted(int(attn.layer_idx) for _, attn in _validate(model, config))
+    if layers != metadata.get("dms_layers"):
         raise ApplyModeError(
             f"Checkpoint has DMS on layers {metadata.get('dms_layers')}, but this model converts "
-            f"to {new_meta['dms_layers']}: the checkpoint belongs to a different architecture."
+            f"to {layers}: the checkpoint belongs to a different architecture."
         )
+    model, _ = convert_to_dms(model, config)
     return model
 
 
