@@ -18,6 +18,7 @@ from .control import (
 from .conversion import apply_dms
 from .loading import load_model
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
+from .quantization import register_dms_for_quantization
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "eviction_rate",
     "fixed_eviction",
     "is_dms_model",
+    "register_dms_for_quantization",
     "load_adapters",
     "load_model",
     "save_adapters",

@@ -146,6 +146,10 @@ class DMSAttention(DynamicModule):
         return logistic_noise(shape, seed, device)
 
     # ------------------------------------------------------------------ hooks for chaining
+    def _dms_kv_storage_scales(self) -> tuple[float, float] | None:
+        """FP8 storage scales for the DMS cache; None here (set by the quantized DMS attention)."""
+        return None
+
     def _dms_quantize_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity here; the quantized DMS attention applies its k/v quantizers."""
         return key, value
@@ -196,7 +200,15 @@ class DMSAttention(DynamicModule):
             decisions = logits > 0
             self._record(decisions.float())
             out = past_key_values.dms_attend(
-                self.layer_idx, query, key, value, decisions, attention_mask, self.scaling, rt.window_size
+                self.layer_idx,
+                query,
+                key,
+                value,
+                decisions,
+                attention_mask,
+                self.scaling,
+                rt.window_size,
+                kv_scales=self._dms_kv_storage_scales(),
             )
         elif self.training:
             out = self._training_attention(query, key, value, logits, attention_mask, past_key_values)
@@ -224,6 +236,7 @@ class DMSAttention(DynamicModule):
                     attention_mask,
                     self.scaling,
                     self._dms.window_size,
+                    kv_scales=self._dms_kv_storage_scales(),
                 )
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
             key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)

@@ -29,6 +29,8 @@ class _Row:
     v: torch.Tensor
     pos: torch.Tensor  # (capacity,) int64 positions of the stored tokens
     flag: torch.Tensor  # (capacity,) bool: evict once out of the window
+    k_scale: float | None = None  # FP8 storage: stored = value / scale as float8_e4m3fn
+    v_scale: float | None = None
     n: int = 0  # used slots
     seen: int = 0  # real tokens seen
     window: deque = field(default_factory=deque)  # slots of the newest tokens, oldest first
@@ -36,6 +38,20 @@ class _Row:
     @property
     def capacity(self) -> int:
         return self.k.shape[0]
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values -> storage dtype (divide by the FP8 scale when quantized)."""
+        if self.k_scale is None:
+            return k.to(self.k.dtype), v.to(self.v.dtype)
+        return (k.float() / self.k_scale).to(self.k.dtype), (v.float() / self.v_scale).to(self.v.dtype)
+
+    def decode(
+        self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage -> compute dtype (multiply by the FP8 scale when quantized)."""
+        if self.k_scale is None:
+            return k.to(dtype), v.to(dtype)
+        return k.to(dtype) * self.k_scale, v.to(dtype) * self.v_scale
 
 
 def _alloc(cap: int, head_dim: int, like: torch.Tensor, store_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -118,6 +134,7 @@ class DMSCache(Cache):
         attention_mask: torch.Tensor | None,
         scaling: float,
         window_size: int,
+        kv_scales: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Attend new tokens against the compact cache, then store them (with delayed eviction).
 
@@ -125,6 +142,8 @@ class DMSCache(Cache):
             query: ``(B, Hq, T, D)`` after RoPE; key, value: ``(B, Hkv, T, D)``.
             decisions: ``(B, Hkv, T)`` bool, ``d_t`` emitted by each new token.
             attention_mask: the mask transformers built (4D over the logical sequence) or None.
+            kv_scales: per-tensor FP8 scales of calibrated k/v quantizers; when given, keys and
+                values are stored as ``float8_e4m3fn`` (set once, on the first call of a layer).
 
         Returns:
             ``(B, T, Hq, D)``; padded query positions are zero.
@@ -135,7 +154,7 @@ class DMSCache(Cache):
         real = _real_tokens(attention_mask, bsz, q_len, self._logical.get(layer_idx, 0), query.device)
         rows = self._rows.get(layer_idx)
         if rows is None:
-            rows = self._init_layer(layer_idx, bsz, num_kv, head_dim, key)
+            rows = self._init_layer(layer_idx, bsz, num_kv, head_dim, key, kv_scales)
         elif len(rows) != bsz or len(rows[0]) != num_kv:
             raise ValueError(
                 f"DMSCache layer {layer_idx} holds batch {len(rows)} x {len(rows[0])} KV heads, got "
@@ -163,11 +182,15 @@ class DMSCache(Cache):
                     out[b, sel, heads] = res.transpose(0, 1).to(out.dtype)
         return out
 
-    def _init_layer(self, layer_idx, bsz, num_kv, head_dim, like) -> list[list[_Row]]:
-        store = like.dtype
-        rows = [[_Row(*_alloc(0, head_dim, like, store)) for _ in range(num_kv)] for _ in range(bsz)]
+    def _init_layer(self, layer_idx, bsz, num_kv, head_dim, like, kv_scales) -> list[list[_Row]]:
+        store = like.dtype if kv_scales is None else torch.float8_e4m3fn
+        ks, vs = kv_scales if kv_scales is not None else (None, None)
+        rows = [
+            [_Row(*_alloc(0, head_dim, like, store), k_scale=ks, v_scale=vs) for _ in range(num_kv)]
+            for _ in range(bsz)
+        ]
         self._rows[layer_idx] = rows
-        self._dtype[layer_idx] = store
+        self._dtype[layer_idx] = like.dtype  # compute dtype: what a dense cache would store
         return rows
 
     def _resize(self, row: _Row, needed: int) -> None:
@@ -195,13 +218,14 @@ class DMSCache(Cache):
         new_pos = torch.arange(t0, t0 + m, device=k_new.device)
         new_flag = torch.cat([d_new[1:], d_new.new_zeros(1)])
         n = row.n
-        keys = torch.cat([row.k[:n], k_new.to(row.k.dtype)]) if n else k_new.to(row.k.dtype)
-        vals = torch.cat([row.v[:n], v_new.to(row.v.dtype)]) if n else v_new.to(row.v.dtype)
+        k_enc, v_enc = row.encode(k_new, v_new)
+        keys = torch.cat([row.k[:n], k_enc]) if n else k_enc
+        vals = torch.cat([row.v[:n], v_enc]) if n else v_enc
         pos = torch.cat([row.pos[:n], new_pos])
         flag = torch.cat([row.flag[:n], new_flag])
         diff = new_pos[:, None] - pos[None, :]
         visible = (diff >= 0) & ~(flag[None, :] & (diff > window_size))
-        out = _masked_row_attention(q, keys, vals, visible, scaling)
+        out = _masked_row_attention(q, *row.decode(keys, vals, _acc_dtype(q.dtype)), visible, scaling)
         # keep: window tokens (newest W) and unflagged older tokens
         last = t0 + m - 1
         keep = (pos > last - big_w) | ~flag
@@ -235,17 +259,17 @@ class DMSCache(Cache):
                 self._resize(row, row.n + 1)
             slot = row.n
             row.n += 1
-        row.k[slot] = k_new[0].to(row.k.dtype)
-        row.v[slot] = v_new[0].to(row.v.dtype)
+        row.k[slot], row.v[slot] = row.encode(k_new[0], v_new[0])
         row.pos[slot] = t
         row.flag[slot] = False
         row.window.append(slot)
         row.seen = t + 1
         n = row.n
         acc = _acc_dtype(q.dtype)
-        scores = torch.matmul(q[:, 0].to(acc), row.k[:n].to(acc).T) * scaling  # (G, n)
+        keys, vals = row.decode(row.k[:n], row.v[:n], acc)
+        scores = torch.matmul(q[:, 0].to(acc), keys.T) * scaling  # (G, n)
         probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, row.v[:n].to(acc)).unsqueeze(1)
+        return torch.matmul(probs, vals).unsqueeze(1)
 
     # ------------------------------------------------------------------ memory and statistics
     def release(self, batch_index: int | None = None) -> None:
@@ -255,7 +279,7 @@ class DMSCache(Cache):
                 if batch_index is not None and b != batch_index:
                     continue
                 for h, row in enumerate(heads):
-                    empty = _Row(*_alloc(0, row.k.shape[1], row.k, row.k.dtype))
+                    empty = _Row(*_alloc(0, row.k.shape[1], row.k, row.k.dtype), row.k_scale, row.v_scale)
                     rows[b][h] = empty
         if batch_index is None:
             self._rows.clear()
@@ -308,7 +332,8 @@ def cache_stats(cache: DMSCache) -> dict[str, Any]:
     Returns a dict with ``tokens_seen`` and ``tokens_kept`` (``(layers, batch, kv_heads)`` int
     tensors, DMS layers only), ``compression_ratio`` (seen / kept, window included),
     ``kv_bytes_allocated`` (storage actually held), ``kv_bytes_kept`` (bytes the kept tokens
-    need) and ``kv_bytes_dense`` (what a dense cache of the same tokens and dtype would hold).
+    need) and ``kv_bytes_dense`` (what a dense cache of the same tokens would hold in the
+    model's compute dtype, so FP8 storage shows up as a further saving).
     """
     if not isinstance(cache, DMSCache):
         raise TypeError(f"cache_stats expects a DMSCache, got {type(cache).__name__}")
@@ -317,6 +342,7 @@ def cache_stats(cache: DMSCache) -> dict[str, Any]:
     alloc = kept_bytes = dense = 0
     for li in layers:
         rows = cache._rows[li]
+        dense_elem = torch.empty(0, dtype=cache._dtype[li]).element_size()
         seen.append([[r.seen for r in heads] for heads in rows])
         kept.append([[r.n for r in heads] for heads in rows])
         for heads in rows:
@@ -324,7 +350,7 @@ def cache_stats(cache: DMSCache) -> dict[str, Any]:
                 elem = r.k.element_size()
                 alloc += (r.k.numel() + r.v.numel()) * elem
                 kept_bytes += 2 * r.n * r.k.shape[1] * elem
-                dense += 2 * cache._logical[li] * r.k.shape[1] * elem
+                dense += 2 * cache._logical[li] * r.k.shape[1] * dense_elem
     for layer in cache._dense.values():
         if layer.keys is not None and layer.keys.numel():
             nbytes = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DMSDecisionAdapter", "logistic_noise", "relaxed_decisions"]
+
+
+class _DecisionProjection(nn.Module):
+    """Bias-free projection hidden -> kv_heads.
+
+    Deliberately not an ``nn.Linear``: quantization passes (``mtq.quantize``) must not touch it,
+    since its output is scaled by ``logit_scale`` and rounding would flip eviction decisions.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class DMSDecisionAdapter(nn.Module):
@@ -22,9 +38,7 @@ class DMSDecisionAdapter(nn.Module):
         super().__init__()
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.proj = nn.Linear(hidden_size, num_kv_heads, bias=False, device=device, dtype=dtype)
-        if self.proj.weight.device.type != "meta":
-            nn.init.zeros_(self.proj.weight)
+        self.proj = _DecisionProjection(hidden_size, num_kv_heads, device=device, dtype=dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw (unscaled) decision projection, ``(B, T, kv_heads)``."""
