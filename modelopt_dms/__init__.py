@@ -16,9 +16,12 @@ from .control import (
     set_step,
 )
 from .conversion import apply_dms
+from .hf_export import export_hf_checkpoint, install_from_pretrained_hook, load_exported
 from .loading import load_model
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
 from .quantization import register_dms_for_quantization
+
+install_from_pretrained_hook()
 
 __version__ = "0.1.0"
 
@@ -34,10 +37,12 @@ __all__ = [
     "dms_modules",
     "eviction_disabled",
     "eviction_rate",
+    "export_hf_checkpoint",
     "fixed_eviction",
     "is_dms_model",
     "register_dms_for_quantization",
     "load_adapters",
+    "load_exported",
     "load_model",
     "save_adapters",
     "set_step",

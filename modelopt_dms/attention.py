@@ -11,7 +11,7 @@ optional q/k norms, decision logits, RoPE, then one of four attention paths:
 
 from __future__ import annotations
 
-import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,11 @@ class DMSAttention(DynamicModule):
                 device=ref.device,
                 dtype=ref.dtype,
             )
-        self._hf_module = inspect.getmodule(self.get_original_cls_by_level(level=0))
+
+    @property
+    def _hf_module(self) -> Any:
+        """The transformers modeling module of the original class (RoPE, attention functions)."""
+        return sys.modules[self.get_original_cls_by_level(level=0).__module__]
 
     # ------------------------------------------------------------------ decisions
     def _decision_logits(self, query: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,282 @@
+"""Deployable checkpoints: the unified Hugging Face export with a versioned DMS block.
+
+``export_hf_checkpoint`` writes safetensors + ``config.json`` (with a ``dms_config`` block) +
+tokenizer files, and for FP8-quantized models Model Optimizer's unified format
+(``hf_quant_config.json``, FP8 weights with scales, ``k_scale``/``v_scale``).
+
+Loading back:
+
+* unquantized: ``import modelopt_dms`` then plain ``AutoModelForCausalLM.from_pretrained(dir)``
+  rebuilds the DMS model from the config block (no ``trust_remote_code``);
+* FP8: :func:`load_exported` rebuilds the quantized DMS model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DMSConfig
+from .control import dms_modules
+
+__all__ = [
+    "DMS_BLOCK_KEY",
+    "DMS_EXPORT_FORMAT_VERSION",
+    "dms_config_block",
+    "export_hf_checkpoint",
+    "install_from_pretrained_hook",
+    "load_exported",
+]
+
+DMS_BLOCK_KEY = "dms_config"
+DMS_EXPORT_FORMAT_VERSION = 1
+
+
+def dms_config_block(model: nn.Module) -> dict[str, Any]:
+    """Everything a runtime needs to run DMS, read off the converted modules."""
+    mods = dms_modules(model)
+    if not mods:
+        raise ValueError("export needs a DMS model: apply the 'dms' mode (dms.apply_dms) first.")
+    rt = mods[0]._dms
+    quantized_kv = mods[0]._dms_kv_storage_scales() is not None
+    return {
+        "format_version": DMS_EXPORT_FORMAT_VERSION,
+        "method": "dms",
+        "decision": rt.decision,
+        "window_size": rt.window_size,
+        "logit_scale": rt.logit_scale,
+        "logit_offset": rt.logit_offset,
+        "granularity": rt.granularity,
+        "temperature": rt.temperature,
+        "noise_seed": rt.noise_seed,
+        "layers": [int(m.layer_idx) for m in mods],
+        "decision_rule": "key t-1 is evicted iff logit_t > 0, once window_size newer tokens exist",
+        "adapter_parameters": "model.layers.N.self_attn.dms_adapter.{norm_weight,proj.weight}"
+        if rt.decision == "adapter"
+        else None,
+        "kv_cache": {"layout": "per_kv_head_compact", "fp8": quantized_kv},
+    }
+
+
+def _config_from_block(block: dict[str, Any], num_layers: int | None = None) -> DMSConfig:
+    version = block.get("format_version")
+    if version != DMS_EXPORT_FORMAT_VERSION:
+        raise ValueError(
+            f"config.json has a DMS block of format version {version!r}; this modelopt-dms reads "
+            f"version {DMS_EXPORT_FORMAT_VERSION}. Re-export with a matching modelopt-dms release."
+        )
+    layers = block["layers"]
+    if num_layers is not None and layers == list(range(num_layers)):
+        layers = None
+    return DMSConfig(
+        window_size=block["window_size"],
+        decision=block["decision"],
+        granularity=block["granularity"],
+        temperature=block.get("temperature", 0.1),
+        logit_scale=block["logit_scale"],
+        logit_offset=block["logit_offset"],
+        noise_seed=block.get("noise_seed", 0),
+        layers=layers,
+    )
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+
+
+def _prepare_target(export_dir: Path, overwrite: bool) -> None:
+    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+        if not overwrite:
+            raise FileExistsError(
+                f"Export target {export_dir} exists and is not empty; pass overwrite=True "
+                "(CLI: --overwrite) or choose a new directory."
+            )
+
+
+def _publish(tmp: Path, export_dir: Path) -> None:
+    """Move the finished temp folder into place (the old one is removed only after)."""
+    old = None
+    if export_dir.exists():
+        old = export_dir.with_name(export_dir.name + ".old-" + next(tempfile._get_candidate_names()))
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf_checkpoint(
+    model: nn.Module,
+    export_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a DMS model (optionally FP8-quantized) as a deployable Hugging Face checkpoint.
+
+    The model itself is not modified (the exporter works on a copy). The folder appears only
+    when complete: a failed export leaves nothing behind.
+    """
+    block = dms_config_block(model)
+    export_dir = Path(export_dir)
+    _prepare_target(export_dir, overwrite)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        work = copy.deepcopy(model)
+        work.config.architectures = [type(work).__name__]
+        if _is_quantized(work):
+            from modelopt.torch.export import export_hf_checkpoint as mo_export
+
+            mo_export(work, dtype=dtype or next(work.parameters()).dtype, export_dir=tmp)
+        else:
+            kwargs = {"save_modelopt_state": False} if hasattr(type(work), "_modelopt_cache") else {}
+            if dtype is not None:
+                work.to(dtype)
+            work.save_pretrained(tmp, **kwargs)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg[DMS_BLOCK_KEY] = block
+        cfg["architectures"] = [type(model).__name__]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _publish(tmp, export_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return export_dir
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def install_from_pretrained_hook() -> None:
+    """Make ``from_pretrained`` / ``from_config`` rebuild DMS from a config's ``dms_config`` block.
+
+    Installed once on ``import modelopt_dms``: after a causal-LM's ``post_init`` the ``dms`` mode
+    is applied (before weights load), so the exported adapter weights load into place.
+    """
+    from transformers import PreTrainedModel
+
+    if getattr(PreTrainedModel.post_init, "_dms_hook", False):
+        return
+    original = PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        block = getattr(self.config, DMS_BLOCK_KEY, None)
+        if block and hasattr(self, "lm_head"):
+            _apply_from_block(self, block)
+        return out
+
+    post_init._dms_hook = True  # type: ignore[attr-defined]
+    PreTrainedModel.post_init = post_init
+
+
+def _apply_from_block(model: nn.Module, block: dict[str, Any]) -> None:
+    import modelopt.torch.opt as mto
+
+    from .mode import is_dms_model
+
+    if is_dms_model(model):
+        return
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    cfg = _config_from_block(block, num_layers)
+    mto.apply_mode(model, [("dms", cfg.model_dump())])
+    # The block has done its job: the modelopt state now carries DMS (a later save_pretrained
+    # with HF checkpointing must not apply it twice).
+    delattr(model.config, DMS_BLOCK_KEY)
+
+
+def load_exported(export_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Rebuild a DMS model (FP8 or not) from an export folder alone; returns ``(model, tokenizer)``.
+
+    For FP8 exports the FP8 weights are dequantized with their scales and Model Optimizer's FP8
+    quantizers are re-created with the exported amax values (weights, inputs, k/v), so the model
+    computes exactly what the quantized model computed, and the DMS cache stores FP8 KV.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    export_dir = Path(export_dir)
+    cfg_path = export_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{export_dir} has no config.json: not an export folder.")
+    raw = json.loads(cfg_path.read_text())
+    block = raw.get(DMS_BLOCK_KEY)
+    if not block:
+        raise ValueError(f"{cfg_path} has no '{DMS_BLOCK_KEY}' block: not a modelopt-dms export.")
+    _config_from_block(block)  # version check before anything heavy
+    quant_path = export_dir / "hf_quant_config.json"
+    tokenizer = None
+    if any(export_dir.glob("tokenizer*")):
+        tokenizer = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+    if not quant_path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype, local_files_only=True)
+        return model.eval(), tokenizer
+
+    quant = json.loads(quant_path.read_text())["quantization"]
+    if quant.get("quant_algo") != "FP8":
+        raise ValueError(
+            f"Unsupported quant_algo {quant.get('quant_algo')!r}: load_exported reads FP8 exports."
+        )
+    raw.pop("quantization_config", None)
+    config = AutoConfig.for_model(
+        **{k: v for k, v in raw.items() if k != "model_type"}, model_type=raw["model_type"]
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # DMS applied from the block
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(export_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    _load_fp8_state(model, tensors, quant, dtype)
+    return model.eval(), tokenizer
+
+
+def _load_fp8_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], quant: dict, dtype: torch.dtype
+) -> None:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    if quant.get("kv_cache_quant_algo") == "FP8":
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
+    mtq.quantize(model, cfg, forward_loop=None)
+    state, amax = {}, {}
+    for name, value in tensors.items():
+        if name.endswith(".weight_scale") or name.endswith(".input_scale"):
+            continue
+        if name.endswith(".k_proj.k_scale") or name.endswith(".v_proj.v_scale"):
+            attn = name.rsplit(".", 2)[0]
+            which = "k" if name.endswith("k_scale") else "v"
+            amax[f"{attn}.{which}_bmm_quantizer"] = value.float() * 448.0
+            continue
+        if value.dtype == torch.float8_e4m3fn:
+            base = name[: -len(".weight")]
+            value = value.to(torch.float32) * tensors[f"{base}.weight_scale"].float()
+            amax[f"{base}.weight_quantizer"] = tensors[f"{base}.weight_scale"].float() * 448.0
+            if f"{base}.input_scale" in tensors:
+                amax[f"{base}.input_quantizer"] = tensors[f"{base}.input_scale"].float() * 448.0
+        state[name] = value.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "_quantizer" not in k and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"FP8 export does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    modules = dict(model.named_modules())
+    for qname, value in amax.items():
+        if qname not in modules:
+            raise ValueError(f"FP8 export names a quantizer {qname} that the model does not have.")
+        modules[qname].amax = value
