@@ -19,7 +19,7 @@ from .conversion import apply_dms
 from .hf_export import export_hf_checkpoint, install_from_pretrained_hook, load_exported
 from .loading import load_model
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
-from .quantization import register_dms_for_quantization
+from .quantization import fp8_config, quantize_fp8, register_dms_for_quantization
 
 install_from_pretrained_hook()
 
@@ -39,11 +39,13 @@ __all__ = [
     "eviction_rate",
     "export_hf_checkpoint",
     "fixed_eviction",
+    "fp8_config",
     "is_dms_model",
     "register_dms_for_quantization",
     "load_adapters",
     "load_exported",
     "load_model",
+    "quantize_fp8",
     "save_adapters",
     "set_step",
 ]

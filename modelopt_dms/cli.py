@@ -130,6 +130,7 @@ def run_recipe(path: str, progress: bool = True) -> dict:
     if rank != 0:
         return {"rank": rank}
     dms.save_adapters(model, adapters_dir)
+    exported = _quantize_and_export(model, tok, recipe, seqs)
     summary = {
         "recipe": path,
         "steps": cfg.steps,
@@ -137,11 +138,66 @@ def run_recipe(path: str, progress: bool = True) -> dict:
         "tokens": cfg.steps * cfg.grad_accum * cfg.batch_size * seqs.shape[1],
         "final": history[-1] if history else None,
         "adapters": adapters_dir,
+        **exported,
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     _log(f"[done] {json.dumps(summary)}")
     return summary
+
+
+def _quantize_and_export(model, tok, recipe, seqs) -> dict:
+    """Apply the recipe's quantize and export sections (if any); returns what was written."""
+    import modelopt_dms as dms
+
+    out: dict = {}
+    q = recipe.quantize
+    if q is not None and (q.weights == "fp8" or q.kv_cache == "fp8"):
+        calib = [seqs[i : i + 1] for i in range(min(q.calib_sequences, seqs.shape[0]))]
+        _log(f"[quantize] FP8 weights={q.weights} kv_cache={q.kv_cache}, {len(calib)} calibration sequences")
+        model = dms.quantize_fp8(model, calib, weights=q.weights == "fp8", kv_cache=q.kv_cache == "fp8")
+        out["quantized"] = {"weights": q.weights, "kv_cache": q.kv_cache}
+    e = recipe.export
+    if e is not None and e.hf_dir:
+        dms.export_hf_checkpoint(model, e.hf_dir, tokenizer=tok, overwrite=e.overwrite)
+        _log(f"[export] unified HF checkpoint -> {e.hf_dir}")
+        out["hf_dir"] = e.hf_dir
+    if e is not None and e.onnx_path:
+        from modelopt_dms.onnx_export import export_onnx
+
+        export_onnx(model, e.onnx_path)
+        _log(f"[export] ONNX step graph -> {e.onnx_path}")
+        out["onnx_path"] = e.onnx_path
+    return out
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """``modelopt-dms export``: model (+ trained adapters) -> optional FP8 -> HF export (+ ONNX)."""
+    import modelopt_dms as dms
+    from modelopt_dms.loading import load_model
+
+    model, tok = load_model(args.model)
+    if args.adapters:
+        dms.load_adapters(model, args.adapters)
+    else:
+        model = dms.apply_dms(model, {"window_size": args.window})
+        _log("[export] no --adapters given: exporting untrained DMS heads (they evict nothing)")
+    if args.quantize != "none":
+        from modelopt_dms.training.data import build_token_sequences
+
+        seqs = build_token_sequences(tok, args.calib_glob, 256, "train", max_sequences=args.calib_sequences)
+        calib = [seqs[i : i + 1] for i in range(seqs.shape[0])]
+        model = dms.quantize_fp8(model, calib, weights=args.quantize == "fp8", kv_cache=True)
+    dms.export_hf_checkpoint(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    _log(f"[export] unified HF checkpoint -> {args.out}")
+    result = {"hf_dir": args.out}
+    if args.onnx:
+        from modelopt_dms.onnx_export import export_onnx
+
+        export_onnx(model, args.onnx)
+        _log(f"[export] ONNX step graph -> {args.onnx}")
+        result["onnx_path"] = args.onnx
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a YAML recipe end to end (retrofit training)")
     run.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
     run.add_argument("--no-progress", action="store_true")
+    exp = sub.add_parser("export", help="export a DMS model (optionally FP8) as a deployable checkpoint")
+    exp.add_argument("--model", default="smollm2-135m", help="name, local HF directory or .gguf file")
+    exp.add_argument("--adapters", default=None, help="trained DMS adapters dir (dms.save_adapters)")
+    exp.add_argument("--window", type=int, default=64, help="window when no --adapters are given")
+    exp.add_argument("--quantize", choices=["none", "fp8", "fp8-kv"], default="none")
+    exp.add_argument("--calib-glob", default="/usr/share/doc/python3*/html/_sources/**/*.rst.txt")
+    exp.add_argument("--calib-sequences", type=int, default=16)
+    exp.add_argument("--out", required=True, help="export folder (must be new or empty)")
+    exp.add_argument("--onnx", default=None, help="also write the ONNX step graph here")
+    exp.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        run_export(args)
+        return 0
     if args.command == "demo":
         run_demo(args)
     elif args.command == "run":

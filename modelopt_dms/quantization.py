@@ -17,7 +17,13 @@ from torch import nn
 
 from .attention import DMSAttention
 
-__all__ = ["QuantDMSAttention", "kv_fp8_scales", "register_dms_for_quantization"]
+__all__ = [
+    "QuantDMSAttention",
+    "fp8_config",
+    "kv_fp8_scales",
+    "quantize_fp8",
+    "register_dms_for_quantization",
+]
 
 FP8_E4M3_MAX = 448.0
 
@@ -60,3 +66,41 @@ def kv_fp8_scales(module: nn.Module) -> tuple[float, float] | None:
 
 
 CUSTOM_MODEL_PLUGINS.add(register_dms_for_quantization)
+
+
+def fp8_config(weights: bool = True, kv_cache: bool = True) -> dict:
+    """An ``mtq`` config: FP8 (E4M3, per-tensor) weights+inputs and/or FP8 k/v bmm quantizers."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    if not (weights or kv_cache):
+        raise ValueError("fp8_config needs weights=True and/or kv_cache=True")
+    if weights:
+        cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    else:
+        cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+    if kv_cache:
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
+    return cfg
+
+
+def quantize_fp8(
+    model: nn.Module, calib_batches: list[torch.Tensor], weights: bool = True, kv_cache: bool = True
+) -> nn.Module:
+    """``mtq.quantize`` a DMS model to FP8 and calibrate on ``calib_batches`` (token id tensors)."""
+    import modelopt.torch.quantization as mtq
+
+    if not calib_batches:
+        raise ValueError("quantize_fp8 needs at least one calibration batch of token ids")
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for ids in calib_batches:
+                m(input_ids=ids.to(next(m.parameters()).device), use_cache=False)
+
+    was_training = model.training
+    model.eval()
+    model = mtq.quantize(model, fp8_config(weights, kv_cache), forward_loop)
+    model.train(was_training)
+    return model

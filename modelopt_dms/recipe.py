@@ -56,6 +56,22 @@ class TrainSection(_Section):
     seed: int = Field(0, ge=0)
 
 
+class QuantizeSection(_Section):
+    """FP8 post-training quantization after DMS (weights+inputs and/or KV cache)."""
+
+    weights: Literal["fp8", "none"] = "fp8"
+    kv_cache: Literal["fp8", "none"] = "fp8"
+    calib_sequences: int = Field(16, ge=1, le=4096)
+
+
+class ExportSection(_Section):
+    """Deployable outputs written at the end of a run."""
+
+    hf_dir: str | None = None
+    onnx_path: str | None = None
+    overwrite: bool = False
+
+
 class OutputSection(_Section):
     """Where the run writes its checkpoint, log and adapters."""
 
@@ -70,6 +86,8 @@ class Recipe(_Section):
     dms: dict[str, Any] = Field(default_factory=dict)
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
+    quantize: QuantizeSection | None = None
+    export: ExportSection | None = None
     output: OutputSection = OutputSection()
 
     def dms_config(self) -> DMSConfig:
@@ -100,7 +118,9 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
-        raise RecipeError(f"Recipe {path} must be a mapping of sections (model, dms, data, train, output).")
+        raise RecipeError(
+            f"Recipe {path} must be a mapping of sections (model, dms, data, train, quantize, export, output)."
+        )
     try:
         recipe = Recipe(**raw)
         recipe.dms_config()
