@@ -119,7 +119,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(
-            f"Recipe {path} must be a mapping of sections (model, dms, data, train, quantize, export, output)."
+            f"Recipe {path} must be a mapping of sections "
+            "(model, dms, data, train, quantize, export, output)."
         )
     try:
         recipe = Recipe(**raw)
