@@ -163,7 +163,7 @@ class DMSModeDescriptor(ModeDescriptor):
     @property
     def next_prohibited_modes(self) -> set[str] | None:
         """Modes that may not follow ``dms``."""
-        return {"dms", "sparse_attention"}
+        return {"sparse_attention"}  # "dms" twice is caught by convert with a clearer message
 
     @property
     def convert(self) -> ConvertEntrypoint:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import DMSConfig
 
@@ -15,6 +15,11 @@ __all__ = ["Recipe", "RecipeError", "load_recipe"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
 
 
 class ModelSection(_Section):
@@ -54,6 +59,12 @@ class TrainSection(_Section):
     autocast_bf16: bool = False
     checkpoint_every: int = Field(50, ge=0)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainSection:
+        if self.cr_end < self.cr_start:
+            raise ValueError(f"cr_end ({self.cr_end}) must be >= cr_start ({self.cr_start})")
+        return self
 
 
 class QuantizeSection(_Section):
@@ -122,12 +133,18 @@ def load_recipe(path: str | Path) -> Recipe:
             f"Recipe {path} must be a mapping of sections "
             "(model, dms, data, train, quantize, export, output)."
         )
+    raw = {k: ({} if v is None else v) for k, v in raw.items()}
+    problems: list[str] = []
+    recipe = None
     try:
         recipe = Recipe(**raw)
-        recipe.dms_config()
     except ValidationError as err:
-        if err.title == "DMSConfig":
-            err_text = _format(err, str(path)).replace("\n  ", "\n  dms.")
-            raise RecipeError(err_text) from err
-        raise RecipeError(_format(err, str(path))) from err
+        problems += _format(err, str(path)).splitlines()[1:]
+    if isinstance(raw.get("dms"), dict):
+        try:
+            DMSConfig(**raw["dms"])
+        except ValidationError as err:
+            problems += [line.replace("  ", "  dms.", 1) for line in _format(err, str(path)).splitlines()[1:]]
+    if problems or recipe is None:
+        raise RecipeError("\n".join([f"Invalid recipe {path}:", *problems]))
     return recipe

@@ -95,6 +95,7 @@ def save_checkpoint(
             json.dump({"step": step, "optimizer": opt_meta, "history": history}, f)
         old = final + ".old"
         if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)  # a stale .old only exists next to a good final
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -104,9 +105,24 @@ def save_checkpoint(
     return final
 
 
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The complete checkpoint folder to resume from, or None.
+
+    ``checkpoint`` normally; ``checkpoint.old`` when a kill landed between the two renames of
+    :func:`save_checkpoint` (the new one was not in place yet, the previous one still is).
+    """
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(os.path.join(path, "state.json")):
+            return path
+    return None
+
+
 def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
     """Restore what :func:`save_checkpoint` wrote; returns ``(step, history)``."""
-    path = os.path.join(out_dir, "checkpoint")
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise FileNotFoundError(f"No complete checkpoint in {out_dir}")
     with open(os.path.join(path, "state.json")) as f:
         meta = json.load(f)
     tensors = load_file(os.path.join(path, "trainable.safetensors"))
@@ -166,7 +182,10 @@ def train(
     params = _trainable(model, config.train_all_weights)
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     start, history = 0, []
-    if resume and os.path.exists(os.path.join(out_dir, "checkpoint", "state.json")):
+    for stale in os.listdir(out_dir):  # temp folders of saves that were killed midway
+        if stale.startswith(".checkpoint-"):
+            shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+    if resume and latest_checkpoint(out_dir) is not None:
         start, history = load_checkpoint(out_dir, model, opt)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     with open(log_path, "w") as f:  # rewrite: the log always matches the checkpointed history
