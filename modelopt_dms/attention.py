@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import DMSConfig
 from .decisions import DMSDecisionAdapter, logistic_noise, relaxed_decisions
-from .masks import grouped_attention, hard_visibility, soft_eviction_bias
+from .masks import diagonal_validity, grouped_attention, hard_visibility, soft_eviction_bias
 
 __all__ = ["DMSAttention", "DMSAttentionRegistry", "DMSRuntime", "SUPPORTED_ATTENTION_CLASSES"]
 
@@ -271,23 +271,30 @@ class DMSAttention(DynamicModule):
         if rt.granularity == "layer":
             z, hard = z[:, :1].expand_as(z), hard[:, :1].expand_as(hard)
         self._record(hard)
-        bias = soft_eviction_bias(z, rt.window_size)
+        valid = diagonal_validity(attention_mask, query.shape[2], 0, query.shape[0])
+        bias = soft_eviction_bias(z, rt.window_size, None if valid is None or valid.all() else valid)
         mask = _dense_visibility_from_hf_mask(attention_mask, query.shape[2], key.shape[2])
         return grouped_attention(query, key, value, self.scaling, mask=mask, bias=bias)
 
     def _hard_masked_attention(self, query, key, value, logits, attention_mask, past_key_values):
         decisions = logits > 0
         self._record(decisions.float())
-        q_len = query.shape[2]
+        bsz, _, q_len, _ = query.shape
+        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        valid = diagonal_validity(attention_mask, q_len, past_len, bsz)
+        if valid is None:
+            valid = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
         if past_key_values is not None:
             history = past_key_values.__dict__.setdefault("_dms_decision_history", {})
             past = history.get(self.layer_idx)
-            decisions = decisions if past is None else torch.cat([past, decisions], dim=-1)
-            history[self.layer_idx] = decisions
+            if past is not None:
+                decisions = torch.cat([past[0], decisions], dim=-1)
+                valid = torch.cat([past[1], valid], dim=-1)
+            history[self.layer_idx] = (decisions, valid)
             key, value = past_key_values.update(key, value, self.layer_idx, {})
         k_len = key.shape[2]
         q_pos = torch.arange(k_len - q_len, k_len, device=query.device)
-        visible = hard_visibility(decisions, self._dms.window_size, q_pos)
+        visible = hard_visibility(decisions, self._dms.window_size, q_pos, None if valid.all() else valid)
         hf_mask = _dense_visibility_from_hf_mask(attention_mask, q_len, k_len)
         if hf_mask is not None:
             visible = visible & hf_mask

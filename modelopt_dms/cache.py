@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .masks import diagonal_validity
+
 __all__ = ["DMSCache", "cache_stats"]
 
 
@@ -151,7 +153,9 @@ class DMSCache(Cache):
         """
         bsz, num_q, q_len, head_dim = query.shape
         num_kv = key.shape[1]
-        real = _real_tokens(attention_mask, bsz, q_len, self._logical.get(layer_idx, 0), query.device)
+        real = diagonal_validity(attention_mask, q_len, self._logical.get(layer_idx, 0), bsz)
+        if real is None:
+            real = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
         rows = self._rows.get(layer_idx)
         if rows is None:
             rows = self._init_layer(layer_idx, bsz, num_kv, head_dim, key, kv_scales)
@@ -298,18 +302,6 @@ class DMSCache(Cache):
             "seen": row.seen,
             "capacity": row.capacity,
         }
-
-
-def _real_tokens(mask, bsz, q_len, past, device) -> torch.Tensor:
-    """``(B, T)`` bool: which new tokens are real (not padding), read off the model's mask."""
-    if mask is None:
-        return torch.ones(bsz, q_len, dtype=torch.bool, device=device)
-    if mask.dim() == 2:  # plain (B, logical length) padding mask
-        return mask[:, -q_len:].bool()
-    last = mask[:, 0, -1, past : past + q_len]
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2
-    return last.expand(bsz, q_len)
 
 
 def _masked_row_attention(q, keys, vals, visible, scaling) -> torch.Tensor:
