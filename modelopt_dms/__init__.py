@@ -19,6 +19,8 @@ from .conversion import apply_dms
 from .hf_export import export_hf_checkpoint, install_from_pretrained_hook, load_exported
 from .loading import load_model
 from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
+from .onnx_export import export_onnx
+from .onnx_runtime import OnnxDMSGenerator
 from .quantization import fp8_config, quantize_fp8, register_dms_for_quantization
 
 install_from_pretrained_hook()
@@ -31,6 +33,7 @@ __all__ = [
     "DMSCache",
     "DMSConfig",
     "DMSModeDescriptor",
+    "OnnxDMSGenerator",
     "apply_dms",
     "cache_stats",
     "collect_decisions",
@@ -38,6 +41,7 @@ __all__ = [
     "eviction_disabled",
     "eviction_rate",
     "export_hf_checkpoint",
+    "export_onnx",
     "fixed_eviction",
     "fp8_config",
     "is_dms_model",

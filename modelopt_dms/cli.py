@@ -151,23 +151,23 @@ def _quantize_and_export(model, tok, recipe, seqs) -> dict:
     import modelopt_dms as dms
 
     out: dict = {}
+    e = recipe.export
+    if e is not None and e.onnx_path:  # floating-point step graph: before quantization
+        from modelopt_dms.onnx_export import export_onnx
+
+        export_onnx(model, e.onnx_path)
+        _log(f"[export] ONNX step graph -> {e.onnx_path}")
+        out["onnx_path"] = e.onnx_path
     q = recipe.quantize
     if q is not None and (q.weights == "fp8" or q.kv_cache == "fp8"):
         calib = [seqs[i : i + 1] for i in range(min(q.calib_sequences, seqs.shape[0]))]
         _log(f"[quantize] FP8 weights={q.weights} kv_cache={q.kv_cache}, {len(calib)} calibration sequences")
         model = dms.quantize_fp8(model, calib, weights=q.weights == "fp8", kv_cache=q.kv_cache == "fp8")
         out["quantized"] = {"weights": q.weights, "kv_cache": q.kv_cache}
-    e = recipe.export
     if e is not None and e.hf_dir:
         dms.export_hf_checkpoint(model, e.hf_dir, tokenizer=tok, overwrite=e.overwrite)
         _log(f"[export] unified HF checkpoint -> {e.hf_dir}")
         out["hf_dir"] = e.hf_dir
-    if e is not None and e.onnx_path:
-        from modelopt_dms.onnx_export import export_onnx
-
-        export_onnx(model, e.onnx_path)
-        _log(f"[export] ONNX step graph -> {e.onnx_path}")
-        out["onnx_path"] = e.onnx_path
     return out
 
 
@@ -182,6 +182,13 @@ def run_export(args: argparse.Namespace) -> dict:
     else:
         model = dms.apply_dms(model, {"window_size": args.window})
         _log("[export] no --adapters given: exporting untrained DMS heads (they evict nothing)")
+    result = {}
+    if args.onnx:  # the ONNX step graph is floating point: export it before quantizing
+        from modelopt_dms.onnx_export import export_onnx
+
+        export_onnx(model, args.onnx)
+        _log(f"[export] ONNX step graph -> {args.onnx}")
+        result["onnx_path"] = args.onnx
     if args.quantize != "none":
         from modelopt_dms.training.data import build_token_sequences
 
@@ -190,13 +197,7 @@ def run_export(args: argparse.Namespace) -> dict:
         model = dms.quantize_fp8(model, calib, weights=args.quantize == "fp8", kv_cache=True)
     dms.export_hf_checkpoint(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     _log(f"[export] unified HF checkpoint -> {args.out}")
-    result = {"hf_dir": args.out}
-    if args.onnx:
-        from modelopt_dms.onnx_export import export_onnx
-
-        export_onnx(model, args.onnx)
-        _log(f"[export] ONNX step graph -> {args.onnx}")
-        result["onnx_path"] = args.onnx
+    result["hf_dir"] = args.out
     return result
 
 

@@ -53,7 +53,7 @@ from torch import nn
 from .attention import DMSAttention
 from .masks import grouped_attention
 
-__all__ = ["ONNX_FORMAT", "export_onnx", "onnx_io_names"]
+__all__ = ["ONNX_FORMAT", "DMSStepGraph", "export_onnx", "onnx_io_names"]
 
 ONNX_FORMAT = "modelopt_dms.onnx_step.v1"
 PAST_FIELDS = ("key", "value", "pos", "flag", "valid", "last")
@@ -211,7 +211,7 @@ def _check_exportable(model: nn.Module) -> list[DMSAttention]:
         raise ValueError(
             "export_onnx: a fixed_eviction(...) context is active; the graph exports learned decisions only."
         )
-    rope = getattr(model.config, "rope_scaling", None) or {}
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if rope_type == "dynamic":
         raise ValueError(
@@ -354,6 +354,7 @@ def export_onnx(
             except Exception as err:  # noqa: BLE001 - report every exporter's failure together
                 errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: {err!r}")
         else:
+            path.unlink(missing_ok=True)  # no half-written file is left behind
             raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
 
     proto = onnx.load(str(path), load_external_data=False)
