@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .masks import diagonal_validity
@@ -227,8 +228,9 @@ class DMSCache(Cache):
         vals = torch.cat([row.v[:n], v_enc]) if n else v_enc
         pos = torch.cat([row.pos[:n], new_pos])
         flag = torch.cat([row.flag[:n], new_flag])
-        diff = new_pos[:, None] - pos[None, :]
-        visible = (diff >= 0) & ~(flag[None, :] & (diff > window_size))
+        causal = pos[None, :] <= new_pos[:, None]
+        far = pos[None, :] < new_pos[:, None] - window_size  # q - k > w
+        visible = causal & ~(far & flag[None, :])
         out = _masked_row_attention(q, *row.decode(keys, vals, _acc_dtype(q.dtype)), visible, scaling)
         # keep: window tokens (newest W) and unflagged older tokens
         last = t0 + m - 1
@@ -305,12 +307,20 @@ class DMSCache(Cache):
 
 
 def _masked_row_attention(q, keys, vals, visible, scaling) -> torch.Tensor:
-    """q: (G, m, D); keys/vals: (L, D); visible: (m, L). Softmax in at least float32."""
-    acc = _acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), keys.to(acc).T) * scaling  # (G, m, L)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vals.to(acc))
+    """q: (G, m, D); keys/vals: (L, D) in the accumulation dtype; visible: (m, L) bool.
+
+    Fused SDPA with a boolean mask (every real query sees at least itself).
+    """
+    acc = keys.dtype
+    group, _, dim = q.shape
+    out = F.scaled_dot_product_attention(
+        q.to(acc)[None],
+        keys[None, None].expand(1, group, -1, dim),
+        vals[None, None].expand(1, group, -1, dim),
+        attn_mask=visible,
+        scale=scaling,
+    )
+    return out[0]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
