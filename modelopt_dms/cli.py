@@ -21,72 +21,106 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+DEFAULT_ADAPTERS = "artifacts/smollm2_135m_dms_cr8"
+
+
 def run_demo(args: argparse.Namespace) -> dict:
-    """Convert the embedded model to DMS and show identity, decisions and the compact cache."""
+    """The main job: DMS on the embedded SmolLM2-135M with the committed trained heads.
+
+    Shows the conversion is exact with eviction off, then compares the trained DMS model with the
+    uncompressed model on held-out real text (KL, token match, achieved compression, KV bytes) and
+    on a passkey retrieval prompt, and a chat answer generated through the compact cache.
+    """
+    import os
+
     import modelopt_dms as dms
+    from modelopt_dms.evaluation import fidelity_on_text, make_passkey_sample, passkey_accuracy
     from modelopt_dms.loading import load_model
+    from modelopt_dms.training.data import PYTHON_DOCS_GLOB, build_token_sequences
 
     torch.manual_seed(0)
     t0 = time.time()
-    _log(f"[1/4] loading {args.model} ...")
+    _log(f"[1/5] loading {args.model} (GGUF, dequantised to fp32) ...")
     model, tok = load_model(args.model)
-    _log(f"      loaded {type(model).__name__} in {time.time() - t0:.1f}s")
     msgs = [{"role": "user", "content": _PROMPT}]
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt")
+    enc = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), return_tensors="pt")
     with torch.inference_mode():
         ref_logits = model(**enc).logits
 
-    _log(f"[2/4] applying the 'dms' mode (window {args.window}) ...")
-    model = dms.apply_dms(model, {"window_size": args.window})
-    with torch.inference_mode():
-        with dms.eviction_disabled(model):
-            diff_off = (model(**enc).logits - ref_logits).abs().max().item()
-        diff_eval = (model(**enc).logits - ref_logits).abs().max().item()
-        init_evictions = float(torch.stack(list(dms.collect_decisions(model).values())).mean())
-    _log(f"      eviction disabled: max |logit diff| vs original = {diff_off:.2e}")
-    _log(
-        f"      untrained adapter, eval: evicted fraction = {init_evictions:.4f}, max diff = {diff_eval:.2e}"
-    )
-    model.train()
-    dms.set_step(model, 0)
-    with torch.no_grad():
-        model(**enc)
-    train_rate = float(dms.eviction_rate(model).mean())
-    model.eval()
-    _log(f"      training-mode noisy decisions at init: eviction rate = {train_rate:.4f} (expected ~0.0067)")
+    _log("[2/5] applying the 'dms' mode and loading the trained decision heads ...")
+    if args.adapters and os.path.isdir(args.adapters):
+        dms.load_adapters(model, args.adapters)
+        heads = args.adapters
+    else:
+        model = dms.apply_dms(model, {"window_size": args.window})
+        heads = "untrained (no adapters found: run `modelopt-dms run recipes/smollm2_135m_dms_cr8.yaml`)"
+    window = dms.dms_modules(model)[0]._dms.window_size
+    with torch.inference_mode(), dms.eviction_disabled(model):
+        diff_off = (model(**enc).logits - ref_logits).abs().max().item()
+    _log(f"      heads: {heads}; window {window}")
+    _log(f"      eviction disabled -> max |logit diff| vs the original model = {diff_off:.2e}")
 
-    _log(f"[3/4] greedy generation with the compact DMSCache, fixed pattern keep 1/{args.keep_every} ...")
-    gen_kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True)
-    with torch.inference_mode():
-        dense_out = model.generate(**enc, **gen_kwargs, past_key_values=None)
-        with dms.fixed_eviction(model, args.keep_every):
-            out = model.generate(**enc, **gen_kwargs)
-    stats = dms.cache_stats(out.past_key_values)
-    new = out.sequences[0, enc["input_ids"].shape[1] :]
-    dense_new = dense_out.sequences[0, enc["input_ids"].shape[1] :]
-    match = float((new == dense_new).float().mean()) if new.numel() == dense_new.numel() else 0.0
-    _log("      untrained decisions (no eviction): " + repr(tok.decode(dense_new, skip_special_tokens=True)))
-    _log("      fixed eviction pattern:            " + repr(tok.decode(new, skip_special_tokens=True)))
-    alloc_mib, dense_mib = stats["kv_bytes_allocated"] / 2**20, stats["kv_bytes_dense"] / 2**20
-    _log(
-        f"      cache: CR {stats['compression_ratio']:.2f}, KV allocated {alloc_mib:.2f} MiB "
-        f"vs dense {dense_mib:.2f} MiB"
-    )
-    _log("[4/4] done. Training of the decision heads arrives with `modelopt-dms run <recipe>`.")
-    result = {
+    result: dict = {
         "model": args.model,
-        "window_size": args.window,
-        "max_abs_logit_diff_eviction_disabled": diff_off,
-        "max_abs_logit_diff_untrained_eval": diff_eval,
-        "eviction_rate_untrained_eval": init_evictions,
-        "eviction_rate_train_noise_init": train_rate,
-        "fixed_pattern_keep_every": args.keep_every,
-        "token_match_fixed_pattern_vs_no_eviction": match,
-        "compression_ratio": stats["compression_ratio"],
-        "kv_bytes_allocated": stats["kv_bytes_allocated"],
-        "kv_bytes_dense": stats["kv_bytes_dense"],
+        "heads": heads,
+        "window_size": window,
+        "max_abs_diff_eviction_off": diff_off,
     }
+    try:
+        text = build_token_sequences(
+            tok,
+            PYTHON_DOCS_GLOB,
+            args.context,
+            "heldout",
+            max_sequences=1,
+            cache_dir=".cache/modelopt_dms/data",
+        )
+        filler = build_token_sequences(
+            tok, PYTHON_DOCS_GLOB, 4096, "heldout", max_sequences=1, cache_dir=".cache/modelopt_dms/data"
+        )[0].tolist()
+    except (FileNotFoundError, ValueError) as err:
+        _log(f"      no held-out text ({err}); skipping the text and passkey checks")
+        text, filler = None, None
+
+    if text is not None:
+        _log(f"[3/5] fidelity on {args.context} held-out tokens of the Python docs (never trained on) ...")
+        r = fidelity_on_text(model, text, window, generate_tokens=args.new_tokens)
+        _log(
+            f"      achieved compression {r.compression_ratio:.2f}x (window included): KV "
+            f"{r.kv_bytes_allocated / 2**20:.1f} MiB allocated vs {r.kv_bytes_dense / 2**20:.1f} MiB dense"
+        )
+        _log(
+            f"      KL(dense || DMS) = {r.kl_per_token:.4f} nats/token; teacher-forced greedy match "
+            f"{r.token_match:.1%} over {r.generated_tokens} tokens; "
+            f"ppl {r.ppl_teacher:.2f} -> {r.ppl_student:.2f}"
+        )
+        result["fidelity"] = r.to_dict()
+        _log(f"[4/5] passkey retrieval at {args.context} tokens, depths 0.2/0.5/0.8 ...")
+        samples = [make_passkey_sample(tok, filler, args.context, d, seed=7) for d in (0.2, 0.5, 0.8)]
+        got = passkey_accuracy(model, tok, samples)
+        with dms.eviction_disabled(model):
+            base = passkey_accuracy(model, tok, samples)
+        _log(
+            f"      DMS {got['accuracy']:.0%} (CR {got['compression_ratio']:.2f}) "
+            f"vs uncompressed {base['accuracy']:.0%}"
+        )
+        _log(f"      answers: DMS {got['answers']} | uncompressed {base['answers']}")
+        result["passkey"] = {
+            "dms": got["accuracy"],
+            "uncompressed": base["accuracy"],
+            "compression_ratio": got["compression_ratio"],
+        }
+
+    _log("[5/5] a chat answer generated through the compact DMSCache ...")
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True
+        )
+    answer = tok.decode(out.sequences[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    _log(f"      Q: {_PROMPT}\n      A: {answer}")
+    result["answer"] = answer
+    result["seconds"] = round(time.time() - t0, 1)
+    _log(f"done in {result['seconds']} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -207,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="convert the embedded SmolLM2-135M and show DMS at work")
     demo.add_argument("--model", default="smollm2-135m", help="name, local HF directory or .gguf file")
-    demo.add_argument("--window", type=int, default=16)
-    demo.add_argument("--keep-every", type=int, default=4)
-    demo.add_argument("--new-tokens", type=int, default=32)
+    demo.add_argument("--adapters", default=DEFAULT_ADAPTERS, help="trained DMS adapters directory")
+    demo.add_argument("--window", type=int, default=64, help="window when no adapters are found")
+    demo.add_argument("--context", type=int, default=2048, help="held-out text / passkey context tokens")
+    demo.add_argument("--new-tokens", type=int, default=64)
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")
     run = sub.add_parser("run", help="run a YAML recipe end to end (retrofit training)")
     run.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")

@@ -56,7 +56,7 @@ def fidelity_on_text(
     ids: torch.Tensor,
     window_size: int,
     generate_tokens: int = 64,
-    prefill_chunk_size: int | None = 1024,
+    prefill_chunk_size: int | None = 256,
 ) -> FidelityResult:
     """Compare a DMS model (compact cache) with itself under ``eviction_disabled`` on ``ids`` (1, T).
 

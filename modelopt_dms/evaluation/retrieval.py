@@ -67,7 +67,7 @@ def passkey_accuracy(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             return_dict_in_generate=True,
-            past_key_values=DMSCache(prefill_chunk_size=1024),
+            past_key_values=DMSCache(),
         )
         text = out.sequences[0, s.input_ids.shape[1] :]
         answer = tokenizer.decode(text, skip_special_tokens=True)
