@@ -104,14 +104,25 @@ def _prepare_target(export_dir: Path, overwrite: bool) -> None:
 
 
 def _publish(tmp: Path, export_dir: Path) -> None:
-    """Move the finished temp folder into place (the old one is removed only after)."""
+    """Move the finished temp folder into place; the previous export is removed only after.
+
+    If moving the new folder fails, the previous export is put back.
+    """
     old = None
     if export_dir.exists():
         old = export_dir.with_name(export_dir.name + ".old-" + next(tempfile._get_candidate_names()))
         os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
+    try:
+        os.replace(tmp, export_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, export_dir)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def export_hf_checkpoint(
@@ -226,10 +237,15 @@ def load_exported(export_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
         return model.eval(), tokenizer
 
     quant = json.loads(quant_path.read_text())["quantization"]
-    if quant.get("quant_algo") != "FP8":
+    weights_fp8 = quant.get("quant_algo") == "FP8"
+    kv_fp8 = quant.get("kv_cache_quant_algo") == "FP8"
+    if quant.get("quant_algo") not in (None, "FP8") or quant.get("kv_cache_quant_algo") not in (None, "FP8"):
         raise ValueError(
-            f"Unsupported quant_algo {quant.get('quant_algo')!r}: load_exported reads FP8 exports."
+            f"Unsupported quantization {quant.get('quant_algo')!r} / KV "
+            f"{quant.get('kv_cache_quant_algo')!r}: load_exported reads FP8 weight and/or FP8 KV exports."
         )
+    if not (weights_fp8 or kv_fp8):
+        raise ValueError(f"{quant_path} names no FP8 quantization; nothing to rebuild.")
     raw.pop("quantization_config", None)
     config = AutoConfig.for_model(
         **{k: v for k, v in raw.items() if k != "model_type"}, model_type=raw["model_type"]
@@ -238,19 +254,18 @@ def load_exported(export_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(export_dir.glob("*.safetensors")):
         tensors.update(load_file(shard))
-    _load_fp8_state(model, tensors, quant, dtype)
+    _load_fp8_state(model, tensors, weights_fp8, kv_fp8, dtype)
     return model.eval(), tokenizer
 
 
 def _load_fp8_state(
-    model: nn.Module, tensors: dict[str, torch.Tensor], quant: dict, dtype: torch.dtype
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights_fp8: bool, kv_fp8: bool, dtype: torch.dtype
 ) -> None:
     import modelopt.torch.quantization as mtq
 
-    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    if quant.get("kv_cache_quant_algo") == "FP8":
-        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, mtq.FP8_KV_CFG["quant_cfg"])
-    mtq.quantize(model, cfg, forward_loop=None)
+    from .quantization import fp8_config
+
+    mtq.quantize(model, fp8_config(weights=weights_fp8, kv_cache=kv_fp8), forward_loop=None)
     state, amax = {}, {}
     for name, value in tensors.items():
         if name.endswith(".weight_scale") or name.endswith(".input_scale"):
