@@ -34,17 +34,24 @@ def _require(model: nn.Module) -> list[DMSAttention]:
 
 
 @contextmanager
+def _runtime_override(model: nn.Module, name: str, value: object) -> Iterator[None]:
+    """Set one run-time switch on every DMS module of ``model``; restore the old values on exit."""
+    mods = _require(model)
+    previous = [getattr(m._dms, name) for m in mods]
+    for m in mods:
+        setattr(m._dms, name, value)
+    try:
+        yield
+    finally:
+        for m, prev in zip(mods, previous, strict=True):
+            setattr(m._dms, name, prev)
+
+
+@contextmanager
 def eviction_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` without eviction (its own distillation teacher); restores the flags on exit."""
-    mods = _require(model)
-    previous = [m._dms.eviction_disabled for m in mods]
-    for m in mods:
-        m._dms.eviction_disabled = True
-    try:
+    with _runtime_override(model, "eviction_disabled", True):
         yield model
-    finally:
-        for m, prev in zip(mods, previous, strict=False):
-            m._dms.eviction_disabled = prev
 
 
 @contextmanager
@@ -56,15 +63,8 @@ def fixed_eviction(model: nn.Module, keep_every: int) -> Iterator[nn.Module]:
     """
     if keep_every < 1:
         raise ValueError(f"keep_every must be >= 1, got {keep_every}")
-    mods = _require(model)
-    previous = [m._dms.keep_every for m in mods]
-    for m in mods:
-        m._dms.keep_every = keep_every
-    try:
+    with _runtime_override(model, "keep_every", keep_every):
         yield model
-    finally:
-        for m, prev in zip(mods, previous, strict=True):
-            m._dms.keep_every = prev
 
 
 def set_step(model: nn.Module, step: int) -> None:
