@@ -21,7 +21,7 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-DEFAULT_ADAPTERS = "artifacts/smollm2_135m_dms_cr8"
+DEFAULT_ADAPTERS = "artifacts/smollm2_135m_dms_cr4"
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -53,7 +53,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         heads = args.adapters
     else:
         model = dms.apply_dms(model, {"window_size": args.window})
-        heads = "untrained (no adapters found: run `modelopt-dms run recipes/smollm2_135m_dms_cr8.yaml`)"
+        heads = "untrained (no adapters found: run `modelopt-dms run recipes/smollm2_135m_dms_cr4.yaml`)"
     window = dms.dms_modules(model)[0]._dms.window_size
     with torch.inference_mode(), dms.eviction_disabled(model):
         diff_off = (model(**enc).logits - ref_logits).abs().max().item()
