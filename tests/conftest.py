@@ -46,6 +46,21 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **overr
     return model.eval()
 
 
+def tiny_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer (vocab 120, fits tiny_model's 128) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["[UNK]", "</s>"], limit_alphabet=90, show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

@@ -28,8 +28,7 @@ import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import pytest
 import torch
-import transformers
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from modelopt.torch.opt.conversion import ApplyModeError
 from modelopt.torch.quantization.nn import TensorQuantizer
 from safetensors.torch import load_file, save_file
@@ -708,19 +707,6 @@ def _texts() -> dict[str, str]:
     }
 
 
-def _tiny_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=120, special_tokens=["[UNK]", "</s>"], limit_alphabet=90, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
-
-
 @pytest.fixture
 def tiny_hf_dir(tmp_path, monkeypatch) -> tuple[Path, str]:
     """A local HF model directory (tiny llama + tiny tokenizer) and a glob of real text files."""
@@ -729,7 +715,7 @@ def tiny_hf_dir(tmp_path, monkeypatch) -> tuple[Path, str]:
     (tmp_path / "text").mkdir()
     for name, text in texts.items():
         (tmp_path / "text" / name).write_text(text)
-    tok = _tiny_tokenizer(list(texts.values()))
+    tok = tiny_tokenizer(list(texts.values()))
     assert len(tok) <= 128
     tiny_model("llama").save_pretrained(tmp_path / "tiny_model")
     tok.save_pretrained(tmp_path / "tiny_model")

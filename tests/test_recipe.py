@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import modelopt_dms as dms
@@ -186,20 +186,6 @@ def _real_texts() -> dict[str, str]:
     }
 
 
-def _tiny_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=120, special_tokens=["[UNK]", "</s>"], limit_alphabet=90, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
-
-
 @pytest.fixture
 def tiny_workdir(tmp_path, monkeypatch):
     """A temp dir laid out as recipes/tiny_test.yaml expects, and made the working directory."""
@@ -209,7 +195,7 @@ def tiny_workdir(tmp_path, monkeypatch):
     for name, text in texts.items():
         (tmp_path / "text" / name).write_text(text)
     assert len(texts["zen.txt"]) < 2000 < min(len(t) for n, t in texts.items() if n != "zen.txt")
-    tok = _tiny_tokenizer(list(texts.values()))
+    tok = tiny_tokenizer(list(texts.values()))
     model = tiny_model("llama")
     assert len(tok) <= model.config.vocab_size
     model.save_pretrained(tmp_path / "tiny_model")
