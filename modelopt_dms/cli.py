@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -134,6 +135,7 @@ def run_recipe(path: str, progress: bool = True) -> dict:
     import modelopt_dms as dms
     from modelopt_dms.loading import load_model
     from modelopt_dms.recipe import load_recipe
+    from modelopt_dms.training.chat_data import mix_chat_sequences
     from modelopt_dms.training.data import build_token_sequences
     from modelopt_dms.training.trainer import TrainConfig, train
 
@@ -155,7 +157,11 @@ def run_recipe(path: str, progress: bool = True) -> dict:
     seqs = build_token_sequences(
         tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
     )
-    _log(f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens")
+    seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
+    _log(
+        f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
+        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%})"
+    )
     cfg = TrainConfig(**recipe.train.model_dump())
     t0 = time.time()
     history = train(model, seqs, cfg, out_dir, progress=progress)
@@ -235,6 +241,42 @@ def run_export(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_eval(args: argparse.Namespace) -> dict:
+    """``modelopt-dms eval RECIPE``: the recipe's ``eval`` section, side by side, with tables and plots."""
+    from modelopt_dms.evaluation.harness import run_comparison, save_results
+    from modelopt_dms.evaluation.report import render_markdown, update_readme, write_report
+    from modelopt_dms.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if recipe.eval is None:
+        raise RecipeError(f"Recipe {args.recipe} has no eval section; see recipes/eval_smollm2_135m.yaml")
+    cfg = recipe.eval
+    updates = {}
+    if args.time_budget_min is not None:
+        updates["time_budget_min"] = args.time_budget_min
+    if args.rounds is not None:
+        updates["rounds"] = args.rounds
+    if args.out is not None:
+        updates["out_dir"] = args.out
+    try:
+        cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
+    except ValueError as err:
+        raise RecipeError(f"Invalid eval option: {err}") from err
+    for label, path in cfg.adapters.items():
+        if not os.path.isdir(path):
+            raise RecipeError(f"eval.adapters.{label}: {path} is not a directory of DMS adapters")
+    results = run_comparison(cfg, recipe.model.name_or_path, progress=not args.no_progress, log=_log)
+    save_results(results, cfg.out_dir)
+    paths = write_report(results, cfg.out_dir)
+    print(render_markdown(results))
+    if args.readme:
+        plots = [p for k, p in paths.items() if k.startswith("pareto_")]
+        update_readme(args.readme, render_markdown(results), [os.path.relpath(p) for p in plots])
+        _log(f"[eval] updated the comparison section of {args.readme}")
+    _log(f"[eval] results in {cfg.out_dir}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``modelopt-dms`` command."""
     parser = argparse.ArgumentParser(prog="modelopt-dms", description=__doc__)
@@ -259,7 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", required=True, help="export folder (must be new or empty)")
     exp.add_argument("--onnx", default=None, help="also write the ONNX step graph here")
     exp.add_argument("--overwrite", action="store_true")
+    ev = sub.add_parser("eval", help="compare uncompressed, DMS and kvpress presses (recipe eval section)")
+    ev.add_argument("recipe", help="recipe YAML with an eval section (see recipes/eval_smollm2_135m.yaml)")
+    ev.add_argument("--time-budget-min", type=float, default=None, help="stop after the last round that fits")
+    ev.add_argument("--rounds", type=int, default=None, help="override eval.rounds")
+    ev.add_argument("--out", default=None, help="override eval.out_dir")
+    ev.add_argument("--readme", default=None, help="replace the comparison block of this README")
+    ev.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        from modelopt_dms.recipe import RecipeError
+
+        try:
+            run_eval(args)
+        except RecipeError as err:
+            print(str(err), file=sys.stderr)
+            return 2
+        return 0
     if args.command == "export":
         run_export(args)
         return 0

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import DMSConfig
 
-__all__ = ["Recipe", "RecipeError", "load_recipe"]
+__all__ = ["EvalSection", "Recipe", "RecipeError", "load_recipe"]
 
 
 class _Section(BaseModel):
@@ -30,7 +30,11 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    """Real text, tokenised into single-document sequences (cached on disk)."""
+    """Real text, tokenised into single-document sequences (cached on disk).
+
+    ``chat_fraction`` / ``recall_fraction`` of the rows become chat-formatted continuation /
+    recall conversations (instruct models; see ``training.chat_data``).
+    """
 
     text_glob: str = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
     seq_len: int = Field(256, ge=8, le=65536)
@@ -38,6 +42,17 @@ class DataSection(_Section):
     max_sequences: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     cache_dir: str = ".cache/modelopt_dms/data"
+    chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    recall_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataSection:
+        if self.chat_fraction + self.recall_fraction > 1.0:
+            raise ValueError(
+                f"chat_fraction ({self.chat_fraction}) + recall_fraction ({self.recall_fraction}) "
+                "must be at most 1"
+            )
+        return self
 
 
 class TrainSection(_Section):
@@ -83,6 +98,59 @@ class ExportSection(_Section):
     overwrite: bool = False
 
 
+_PRESSES = ("streaming_llm", "snapkv", "tova", "knorm", "expected_attention", "keydiff", "dms_press")
+
+
+class EvalSection(_Section):
+    """Side-by-side evaluation: uncompressed vs DMS vs kvpress presses (``modelopt-dms eval``).
+
+    ``adapters`` maps a budget label to trained DMS adapters; every press runs at every budget of
+    ``budgets`` (nominal compression ratio), matched per sample to the kept tokens of the DMS
+    model of the same label when there is one.
+    """
+
+    adapters: dict[str, str] = Field(default_factory=dict)
+    fp8_kv: list[str] = Field(default_factory=list)
+    presses: list[Literal[_PRESSES]] = Field(default_factory=lambda: list(_PRESSES))  # type: ignore[valid-type]
+    budgets: dict[str, float] = Field(default_factory=lambda: {"cr4": 4.0, "cr8": 8.0})
+    fidelity_contexts: list[int] = Field(default_factory=lambda: [2048])
+    continuation_tokens: int = Field(64, ge=2, le=4096)
+    needle_contexts: list[int] = Field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    needle_depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1)
+    multi_needle_contexts: list[int] = Field(default_factory=lambda: [1024])
+    n_needles: int = Field(3, ge=2, le=5)
+    multi_turn_contexts: list[int] = Field(default_factory=lambda: [1024])
+    rounds: int = Field(3, ge=1, le=1000)
+    time_budget_min: float | None = Field(None, gt=0.0)
+    press_window: int = Field(64, ge=0)
+    calib_sequences: int = Field(8, ge=1, le=4096)
+    text_glob: str = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)
+    out_dir: str = "benchmarks/results/comparison"
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> EvalSection:
+        for label in self.adapters:
+            if label not in self.budgets:
+                raise ValueError(f"adapters label {label!r} has no entry in budgets {sorted(self.budgets)}")
+        for label in self.fp8_kv:
+            if label not in self.adapters:
+                raise ValueError(f"fp8_kv label {label!r} is not an adapters label {sorted(self.adapters)}")
+        for label, cr in self.budgets.items():
+            if cr < 1.0:
+                raise ValueError(f"budgets.{label} = {cr}: a compression ratio must be >= 1")
+        for depth in self.needle_depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"needle_depths entry {depth} must be in [0, 1]")
+        for ctx in (*self.fidelity_contexts, *self.needle_contexts, *self.multi_needle_contexts,
+                    *self.multi_turn_contexts):
+            if ctx < 128:
+                raise ValueError(f"context length {ctx} is too short (>= 128 tokens)")
+        return self
+
+
 class OutputSection(_Section):
     """Where the run writes its checkpoint, log and adapters."""
 
@@ -99,6 +167,7 @@ class Recipe(_Section):
     train: TrainSection = TrainSection()
     quantize: QuantizeSection | None = None
     export: ExportSection | None = None
+    eval: EvalSection | None = None
     output: OutputSection = OutputSection()
 
     def dms_config(self) -> DMSConfig:
@@ -131,7 +200,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(
             f"Recipe {path} must be a mapping of sections "
-            "(model, dms, data, train, quantize, export, output)."
+            "(model, dms, data, train, quantize, export, eval, output)."
         )
     raw = {k: ({} if v is None else v) for k, v in raw.items()}
     problems: list[str] = []

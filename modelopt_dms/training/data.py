@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["PYTHON_DOCS_GLOB", "build_token_sequences", "read_text_files"]
+__all__ = ["PYTHON_DOCS_GLOB", "build_token_sequences", "read_text_files", "split_token_stream"]
 
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
 
@@ -94,3 +94,18 @@ def build_token_sequences(
         save_file({"input_ids": out}, tmp)
         os.replace(tmp, path)
     return out
+
+
+def split_token_stream(
+    tokenizer, pattern: str, split: str = "heldout", heldout_fraction: float = 0.05, seed: int = 0
+) -> list[int]:
+    """All documents of one split, tokenised and concatenated (blank line between documents).
+
+    Long-context filler for generated tasks; the split is the same as :func:`build_token_sequences`.
+    """
+    docs = _split(read_text_files(pattern), heldout_fraction, seed)[split]
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for _, text in docs:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+    return stream

@@ -1,0 +1,223 @@
+"""Side-by-side comparison: uncompressed vs DMS (+FP8 KV) vs kvpress presses, one process.
+
+Work is done in *rounds*: round ``r`` evaluates sample ``r`` of every task cell with every method,
+so every method always sees the same samples, and a runtime budget simply stops after the last
+round that fits (the first round always runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..recipe import EvalSection
+from .methods import DenseMethod, DMSMethod, PressMethod
+from .metrics import mean_kl, needle_recall, perplexity, top1_agreement
+from .tasks import EvalSample, make_fidelity_sample, make_multi_turn_sample, make_needle_sample
+
+__all__ = ["build_methods", "evaluate_sample", "run_comparison", "save_results", "task_cells"]
+
+
+def build_methods(base, tokenizer, cfg: EvalSection, calib: list[torch.Tensor] | None = None) -> list:
+    """Uncompressed, then DMS (and DMS+FP8 KV) per adapters label, then every press at every budget.
+
+    ``base`` stays unmodified (presses hook it); DMS models are copies.
+    """
+    import modelopt_dms as dms
+
+    methods: list = [DenseMethod(base, tokenizer)]
+    for label, path in cfg.adapters.items():
+        model = dms.load_adapters(copy.deepcopy(base), path)
+        model.eval()
+        methods.append(DMSMethod(model, tokenizer, f"dms@{label}", label))
+        if label in cfg.fp8_kv:
+            if not calib:
+                raise ValueError("DMS + FP8 KV needs calibration batches")
+            q = dms.load_adapters(copy.deepcopy(base), path)
+            dms.quantize_fp8(q, calib, weights=False, kv_cache=True)
+            q.eval()
+            methods.append(DMSMethod(q, tokenizer, f"dms+fp8kv@{label}", label))
+    for label, cr in cfg.budgets.items():
+        for press in cfg.presses:
+            methods.append(PressMethod(base, tokenizer, press, label, cr, window=cfg.press_window))
+    return methods
+
+
+def task_cells(cfg: EvalSection) -> list[tuple[str, int, float | None]]:
+    """``(task, context_tokens, depth)`` cells; one sample of each per round.
+
+    Needle depths are cycled over rounds (round ``r`` uses ``needle_depths[r % n]``), so ``n``
+    rounds cover every (length, depth) pair once.
+    """
+    cells: list[tuple[str, int, float | None]] = [("fidelity", c, None) for c in cfg.fidelity_contexts]
+    cells += [("needle", c, None) for c in cfg.needle_contexts]
+    cells += [("multi_needle", c, None) for c in cfg.multi_needle_contexts]
+    cells += [("multi_turn", c, None) for c in cfg.multi_turn_contexts]
+    return cells
+
+
+def _make_sample(cell, rnd: int, tokenizer, stream: list[int], windows: dict, cfg: EvalSection) -> EvalSample:
+    task, ctx, depth = cell
+    seed = random.Random(f"{cfg.seed}/{task}/{ctx}/{rnd}").randrange(2**31)
+    if task == "fidelity":
+        rows = windows[ctx]
+        return make_fidelity_sample(rows[rnd % rows.shape[0]], ctx, f"fidelity/{ctx}/{rnd}")
+    if task == "needle":
+        depth = cfg.needle_depths[rnd % len(cfg.needle_depths)]
+        return make_needle_sample(tokenizer, stream, ctx, 1, seed, depth=depth)
+    if task == "multi_needle":
+        return make_needle_sample(tokenizer, stream, ctx, cfg.n_needles, seed)
+    return make_multi_turn_sample(tokenizer, stream, ctx, seed)
+
+
+def evaluate_sample(
+    sample: EvalSample, methods: list, tokenizer, on_method: Callable[[str], None] | None = None
+) -> list[dict]:
+    """Run every method on ``sample`` (the first must be the uncompressed reference).
+
+    DMS methods run before presses so that presses can match their kept tokens per budget.
+    """
+    records, reference, dms_kept = [], None, {}
+    for method in methods:
+        t0 = time.time()
+        target = dms_kept.get(method.budget) if method.family == "kvpress" else None
+        res = method.run(sample, kept_target=target)
+        rec: dict[str, Any] = {
+            "task": sample.task,
+            "sample": sample.key,
+            "context_tokens": sample.context_tokens,
+            "depths": [round(d, 4) for d in sample.depths],
+            "method": method.name,
+            "family": method.family,
+            "budget": method.budget,
+            "input_tokens": res.input_tokens,
+            "kept_tokens": round(res.kept_tokens, 2),
+            "compression_ratio": round(res.input_tokens / max(res.kept_tokens, 1e-9), 4),
+            "kv_bytes": res.kv_bytes,
+            "target_kept": None if res.target_kept is None else round(res.target_kept, 2),
+            "budget_feasible": res.feasible,
+            "seconds": round(time.time() - t0, 3),
+        }
+        if method.family == "dms" and method.name.startswith("dms@"):
+            dms_kept[method.budget] = res.kept_tokens
+        if sample.scored is not None:
+            if reference is None:
+                reference = res.scored_logits
+            rec["kl"] = mean_kl(reference, res.scored_logits)
+            rec["top1"] = top1_agreement(reference, res.scored_logits)
+            rec["ppl"] = perplexity(res.scored_logits[:-1], sample.scored[0, 1:])
+            rec["score"] = rec["top1"]
+        else:
+            answer = tokenizer.decode(res.generated, skip_special_tokens=True)
+            rec["answer"] = answer
+            rec["expected"] = sample.answers
+            rec["score"] = needle_recall(answer, sample.answers)
+        records.append(rec)
+        if on_method is not None:
+            on_method(method.name)
+    return records
+
+
+def run_comparison(
+    cfg: EvalSection,
+    model_name: str = "smollm2-135m",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Load the model once, build every method, run rounds until done or out of time.
+
+    Returns (and the caller writes) ``{"meta": ..., "records": [...]}``; see
+    :mod:`modelopt_dms.evaluation.report` for the tables and plots.
+    """
+    from ..loading import load_model
+    from ..training.data import build_token_sequences, split_token_stream
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    base, tok = load_model(model_name)
+    base.eval()
+    stream = split_token_stream(tok, cfg.text_glob, "heldout", cfg.heldout_fraction, cfg.seed)
+    windows = {
+        c: build_token_sequences(
+            tok,
+            cfg.text_glob,
+            c + cfg.continuation_tokens,
+            "heldout",
+            cfg.heldout_fraction,
+            cfg.seed,
+            max_sequences=cfg.rounds,
+            cache_dir=".cache/modelopt_dms/data",
+        )
+        for c in cfg.fidelity_contexts
+    }
+    calib = None
+    if cfg.fp8_kv:
+        calib_rows = build_token_sequences(
+            tok,
+            cfg.text_glob,
+            512,
+            "train",
+            cfg.heldout_fraction,
+            cfg.seed,
+            max_sequences=cfg.calib_sequences,
+            cache_dir=".cache/modelopt_dms/data",
+        )
+        calib = [row.unsqueeze(0) for row in calib_rows]
+    methods = build_methods(base, tok, cfg, calib)
+    cells = task_cells(cfg)
+    log(f"[eval] {len(methods)} methods x {len(cells)} task cells x up to {cfg.rounds} rounds")
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
+    records: list[dict] = []
+    bar = tqdm(total=cfg.rounds * len(cells) * len(methods), disable=not progress, unit="run")
+    rounds_done, round_s = 0, 0.0
+    for rnd in range(cfg.rounds):
+        elapsed = time.time() - t_start
+        if rnd > 0 and budget_s is not None and elapsed + round_s > budget_s:
+            log(
+                f"[eval] stopping after {rnd} round(s): the next would pass the "
+                f"{cfg.time_budget_min} min budget"
+            )
+            break
+        t_round = time.time()
+        for cell in cells:
+            sample = _make_sample(cell, rnd, tok, stream, windows, cfg)
+            bar.set_description(f"round {rnd + 1} {sample.key}")
+            records += evaluate_sample(sample, methods, tok, on_method=lambda _n: bar.update(1))
+        round_s = time.time() - t_round
+        rounds_done = rnd + 1
+    bar.close()
+    meta = {
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "model": model_name,
+        "config": cfg.model_dump(),
+        "rounds_completed": rounds_done,
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "methods": [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods],
+        "heldout": "python3-doc files of the held-out split (never trained on)",
+    }
+    return {"meta": meta, "records": records}
+
+
+def save_results(results: dict, out_dir: str) -> str:
+    """Write ``results.json`` atomically into ``out_dir``; returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return path

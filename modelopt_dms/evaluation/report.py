@@ -1,0 +1,218 @@
+"""Tables, goal checks and Pareto plots from the comparison harness's records."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from statistics import mean
+
+__all__ = ["goal_checks", "render_markdown", "summarize", "update_readme", "write_report"]
+
+TASK_TITLES = {
+    "fidelity": "Fidelity on held-out text (scored continuation after the context)",
+    "needle": "Single-needle retrieval (pass key)",
+    "multi_needle": "Multi-needle retrieval (door codes, fraction recalled)",
+    "multi_turn": "Multi-turn recall (fact in turn 1, asked in turn 3)",
+}
+README_START, README_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
+
+
+def summarize(records: list[dict]) -> dict[str, list[dict]]:
+    """Per task, one row per method: means of the score and of the memory columns."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    order: list[str] = []
+    for r in records:
+        groups[(r["task"], r["method"])].append(r)
+        if r["method"] not in order:
+            order.append(r["method"])
+    out: dict[str, list[dict]] = {}
+    for (task, method), rs in groups.items():
+        row = {
+            "method": method,
+            "family": rs[0]["family"],
+            "budget": rs[0]["budget"],
+            "n": len(rs),
+            "score": mean(r["score"] for r in rs),
+            "compression_ratio": mean(r["compression_ratio"] for r in rs),
+            "kept_tokens": mean(r["kept_tokens"] for r in rs),
+            "input_tokens": mean(r["input_tokens"] for r in rs),
+            "kv_mib": mean(r["kv_bytes"] for r in rs) / 2**20,
+            "infeasible": sum(not r["budget_feasible"] for r in rs),
+            "by_context": {
+                c: mean(r["score"] for r in rs if r["context_tokens"] == c)
+                for c in sorted({r["context_tokens"] for r in rs})
+            },
+        }
+        if task == "fidelity":
+            row["kl"] = mean(r["kl"] for r in rs)
+            row["ppl"] = mean(r["ppl"] for r in rs)
+        out.setdefault(task, []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda x: order.index(x["method"]))
+    return out
+
+
+def goal_checks(summary: dict[str, list[dict]]) -> list[dict]:
+    """Goals per task and budget.
+
+    DMS >= every press at the same budget; DMS@cr4 within 5 points of uncompressed.
+    """
+    checks = []
+    for task, rows in summary.items():
+        dense = next((r for r in rows if r["family"] == "dense"), None)
+        for d in (r for r in rows if r["family"] == "dms" and r["method"].startswith("dms@")):
+            presses = [r for r in rows if r["family"] == "kvpress" and r["budget"] == d["budget"]]
+            best = max(presses, key=lambda r: r["score"], default=None)
+            if best is not None:
+                checks.append(
+                    {
+                        "task": task,
+                        "check": f"{d['method']} >= best press at {d['budget']}",
+                        "dms": d["score"],
+                        "other": best["score"],
+                        "other_method": best["method"],
+                        "pass": d["score"] >= best["score"] - 1e-12,
+                    }
+                )
+            if dense is not None and d["budget"] == "cr4":
+                checks.append(
+                    {
+                        "task": task,
+                        "check": f"{d['method']} within 5 points of uncompressed",
+                        "dms": d["score"],
+                        "other": dense["score"],
+                        "other_method": dense["method"],
+                        "pass": d["score"] >= dense["score"] - 0.05,
+                    }
+                )
+    return checks
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render_markdown(results: dict) -> str:
+    """The full comparison as markdown: one table per task, then the goal checks."""
+    meta, summary = results["meta"], summarize(results["records"])
+    lines = [
+        f"Model: {meta['model']} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}); "
+        f"{meta['rounds_completed']} round(s), {meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`.",
+        "",
+        "Kept tokens are counted at question time (after the last input segment; mean over layers and "
+        "KV heads). Presses compress the long first segment at prefill and are matched per sample to the "
+        "DMS model of the same budget (`@cr4`, `@cr8`); CR = input tokens / kept tokens. KV MiB is what the "
+        "cache holds (DMSPress masks entries but keeps them in memory).",
+        "",
+    ]
+    for task, rows in summary.items():
+        contexts = sorted({c for r in rows for c in r["by_context"]})
+        fid = task == "fidelity"
+        head = ["method", "n", "top-1 agree %" if fid else "accuracy %"]
+        head += ["KL (nats)", "ppl"] if fid else []
+        head += [f"@{c}" for c in contexts] if len(contexts) > 1 else []
+        head += ["CR", "kept tokens", "KV MiB"]
+        lines += [
+            f"### {TASK_TITLES.get(task, task)}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for r in rows:
+            cells = [r["method"], str(r["n"]), _pct(r["score"])]
+            cells += [f"{r['kl']:.4f}", f"{r['ppl']:.2f}"] if fid else []
+            cells += (
+                [_pct(r["by_context"].get(c, float("nan"))) for c in contexts] if len(contexts) > 1 else []
+            )
+            cells += [f"{r['compression_ratio']:.2f}", f"{r['kept_tokens']:.0f}", f"{r['kv_mib']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        infeasible = sum(r["infeasible"] for r in rows)
+        if infeasible:
+            lines.append(
+                f"\n{infeasible} press run(s) could not reach the budget (the appended "
+                "segments alone exceed it)."
+            )
+        lines.append("")
+    checks = goal_checks(summary)
+    if checks:
+        lines += ["### Goal checks", "", "| task | check | DMS | other | result |", "|---|---|---|---|---|"]
+        for c in checks:
+            lines.append(
+                f"| {c['task']} | {c['check']} | {_pct(c['dms'])} | {_pct(c['other'])} ({c['other_method']}) "
+                f"| {'pass' if c['pass'] else 'FAIL'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_pareto(task: str, rows: list[dict], path: str) -> None:
+    """Accuracy (or top-1 agreement) against KV MiB held, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"dense": "black", "dms": "tab:green", "kvpress": "tab:blue"}
+    markers = {"cr4": "o", "cr8": "s", None: "*"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in rows:
+        fp8 = "fp8" in r["method"]
+        ax.scatter(
+            r["kv_mib"],
+            100 * r["score"],
+            c="tab:olive" if fp8 else colors.get(r["family"], "gray"),
+            marker=markers.get(r["budget"], "^"),
+            s=70 if r["family"] != "kvpress" else 40,
+            zorder=3,
+        )
+        ax.annotate(
+            r["method"],
+            (r["kv_mib"], 100 * r["score"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache held at question time (MiB, log scale)")
+    ax.set_ylabel("top-1 agreement with uncompressed (%)" if task == "fidelity" else "accuracy (%)")
+    ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: str) -> dict[str, str]:
+    """Write ``comparison.md``, ``summary.json`` and ``pareto_<task>.png`` into ``out_dir``."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    summary = summarize(results["records"])
+    paths = {"markdown": os.path.join(out_dir, "comparison.md")}
+    with open(paths["markdown"], "w") as f:
+        f.write(render_markdown(results))
+    paths["summary"] = os.path.join(out_dir, "summary.json")
+    with open(paths["summary"], "w") as f:
+        json.dump(
+            {"summary": summary, "goal_checks": goal_checks(summary), "meta": results["meta"]}, f, indent=1
+        )
+    for task, rows in summary.items():
+        paths[f"pareto_{task}"] = os.path.join(out_dir, f"pareto_{task}.png")
+        plot_pareto(task, rows, paths[f"pareto_{task}"])
+    return paths
+
+
+def update_readme(readme: str, markdown: str, plots: list[str]) -> None:
+    """Replace the text between the comparison markers of ``readme`` (atomically)."""
+    with open(readme) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace")
+    pre, rest = text.split(README_START, 1)
+    _, post = rest.split(README_END, 1)
+    images = "\n".join(f"![{os.path.basename(p)}]({p})" for p in plots)
+    block = f"{README_START}\n{markdown}\n{images}\n{README_END}"
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(pre + block + post)
+    os.replace(tmp, readme)
