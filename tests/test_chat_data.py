@@ -1,0 +1,85 @@
+"""Chat-formatted training rows (continuation and recall) mixed into real-text sequences."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import tiny_tokenizer
+
+from modelopt_dms.recipe import DataSection
+from modelopt_dms.training.chat_data import RECALL_TEMPLATES, mix_chat_sequences
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FILLER = "The quick brown fox jumps over the lazy dog 0123456789, said Zed; pack my box with jugs. "
+PHRASES = (
+    "Continue this text: Read the text and "
+    "answer the question after it. Question: What is the secret code? Which number were you asked "
+    "to remember? Remember this number: The access token for the build server is. Note: the room "
+    "number for the meeting is. The order id you need later is. What is the order id? "
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = tiny_tokenizer([FILLER * 30, PHRASES * 30, CHATML])
+    t.chat_template = CHATML
+    return t
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    ids = tok(FILLER * 200, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[i * 400 : (i + 1) * 400] for i in range(20)])
+
+
+def test_fractions_lengths_and_determinism(tok, rows):
+    out = mix_chat_sequences(tok, rows, 0.25, 0.5, seed=3)
+    assert out.shape == rows.shape
+    texts = [tok.decode(r) for r in out]
+    chat = [t for t in texts if "Continue this text" in t]
+    recall = [t for t in texts if "Read the text and answer" in t]
+    assert len(chat) == 5 and len(recall) == 10
+    assert sum(torch.equal(a, b) for a, b in zip(out, rows, strict=True)) == 5  # untouched rows
+    assert torch.equal(out, mix_chat_sequences(tok, rows, 0.25, 0.5, seed=3))
+    assert not torch.equal(out, mix_chat_sequences(tok, rows, 0.25, 0.5, seed=4))
+    assert torch.equal(mix_chat_sequences(tok, rows, 0.0, 0.0), rows)
+
+
+def test_recall_rows_ask_for_a_hidden_fact_and_answer_it(tok, rows):
+    out = mix_chat_sequences(tok, rows, 0.0, 1.0, seed=0)
+    for row in out:
+        text = tok.decode(row)
+        question = text.split("Question: ")[-1].split("<|im_end|>")[0]
+        answer = text.split("<|im_start|>assistant\n")[-1].split("<|im_end|>")[0]
+        assert re.fullmatch(r"\d{4,7}", answer), answer
+        statement = next(s for s, q in RECALL_TEMPLATES if q == question)
+        body = text.split("Question: ")[0].replace("\n", "")
+        assert statement.format(v=answer) in body  # the asked fact is in the context
+        assert "pass key" not in text  # never the evaluation's wording
+
+
+def test_continuation_rows_are_the_same_document(tok, rows):
+    out = mix_chat_sequences(tok, rows, 1.0, 0.0, seed=0)
+    for src, row in zip(rows, out, strict=True):
+        text = tok.decode(row)
+        assert text.count("<|im_start|>") == 2 and text.rstrip().endswith("<|im_end|>")
+        user = text.split("Continue this text:\n\n")[1].split("<|im_end|>")[0]
+        assistant = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+        assert (user + assistant) in tok.decode(src)  # the row's own text, in order
+
+
+def test_bad_fractions_and_missing_template(tok, rows):
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        mix_chat_sequences(tok, rows, 0.6, 0.6)
+    with pytest.raises(ValueError, match="must be at most 1"):
+        DataSection(chat_fraction=0.7, recall_fraction=0.4)
+    plain = tiny_tokenizer([FILLER])
+    with pytest.raises(ValueError, match="no chat template"):
+        mix_chat_sequences(plain, rows, 0.5, 0.0)
+    with pytest.raises(ValueError, match="too short"):
+        mix_chat_sequences(tok, rows[:, :20], 0.0, 1.0)
