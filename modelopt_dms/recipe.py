@@ -72,6 +72,7 @@ class TrainSection(_Section):
     kl_direction: Literal["forward", "reverse"] = "forward"
     train_all_weights: bool = False
     autocast_bf16: bool = False
+    fsdp: bool = False  # shard the model over the torchrun processes (FSDP2); else data parallel
     checkpoint_every: int = Field(50, ge=0)
     seed: int = Field(0, ge=0)
 

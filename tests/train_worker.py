@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anneal-steps", type=int, default=8)
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep at the start of each step")
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         cr_end=args.cr_end,
         anneal_steps=args.anneal_steps,
         checkpoint_every=args.checkpoint_every,
+        fsdp=args.fsdp,
     )
     history = trainer_mod.train(model, seqs, cfg, args.out, resume=not args.no_resume, progress=False)
     if rank == 0:

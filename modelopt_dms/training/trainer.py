@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..control import eviction_disabled, eviction_rate, set_step
 from .losses import compression_loss, distillation_kl, target_compression_ratio, target_eviction_rate
 
-__all__ = ["TrainConfig", "TrainingDivergedError", "train"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "shard_model", "train", "unshard_for_saving"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -48,6 +48,7 @@ class TrainConfig:
     kl_direction: str = "forward"
     train_all_weights: bool = False
     autocast_bf16: bool = False
+    fsdp: bool = False
     log_every: int = 1
     checkpoint_every: int = 50
     seed: int = 0
@@ -67,20 +68,78 @@ def _trainable(model: nn.Module, all_weights: bool) -> list[nn.Parameter]:
     return params
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP (``fully_shard``, FSDP2) every decoder layer and the root over the initialised group.
+
+    Parameters (frozen base weights and DMS adapters alike) are split across ranks and gathered
+    one layer at a time, so a model that does not fit one device trains; parameter names are
+    unchanged, so checkpoints and adapters are the same files as without FSDP.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("train.fsdp needs torch.distributed: launch with torchrun (gloo on CPU, nccl on GPU)")
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"FSDP: {type(model).__name__} has no model.layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unshard_for_saving(model: nn.Module) -> None:
+    """Gather full parameters on every rank (collective) so the adapters can be saved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Full (unsharded) copies of the trainable tensors; collective under FSDP (every rank calls)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[n] = t.clone().contiguous()
+    return out
+
+
+def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with full tensors; under FSDP keyed by parameter name (collective)."""
+    if not _is_sharded(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(
     out_dir: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list
 ) -> str:
     """Atomically write ``out_dir/checkpoint`` (trainable tensors, optimizer, step, log, RNG)."""
+    trainable, opt_state = _trainable_state(model), _optimizer_state(model, opt)  # collective
+    if _world()[1] != 0:
+        return os.path.join(out_dir, "checkpoint")
     final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=out_dir)
     try:
-        save_file(_trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-        opt_tensors, opt_meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
-        for pid, st in opt.state_dict()["state"].items():
+        save_file(trainable, os.path.join(tmp, "trainable.safetensors"))
+        opt_tensors, opt_meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+        for pid, st in opt_state["state"].items():
             opt_meta["state"][str(pid)] = {}
             for k, v in st.items():
                 if torch.is_tensor(v):
@@ -127,14 +186,27 @@ def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) 
         meta = json.load(f)
     tensors = load_file(os.path.join(path, "trainable.safetensors"))
     params = dict(model.named_parameters())
+    sharded = _is_sharded(model)
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            p = params[name]
+            if hasattr(p, "device_mesh"):  # FSDP: keep this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
     opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state = {}
     for pid, entries in meta["optimizer"]["state"].items():
-        state[int(pid)] = {k: (opt_tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entries.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        key = pid if sharded else int(pid)
+        state[key] = {k: (opt_tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in entries.items()}
+    full = {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(full)
     torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
     return int(meta["step"]), list(meta["history"])
 
@@ -179,6 +251,13 @@ def train(
     appended to ``out_dir/train_log.jsonl``.
     """
     os.makedirs(out_dir, exist_ok=True)
+    sharding = {}
+    if config.fsdp and not _is_sharded(model):
+        _trainable(model, config.train_all_weights)  # requires_grad is set before sharding
+        total = sum(p.numel() for p in model.parameters())
+        shard_model(model)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        sharding = {"params_total": total, "params_local_rank0": local}
     params = _trainable(model, config.train_all_weights)
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     start, history = 0, []
@@ -227,7 +306,7 @@ def train(
             totals["compression"] += comp.item() / config.grad_accum
             totals["eviction_rate"] += rates.mean().item() / config.grad_accum
         if world > 1:
-            _all_reduce_mean(params, totals)
+            _all_reduce_mean([] if config.fsdp else params, totals)  # FSDP reduce-scatters grads itself
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -243,7 +322,12 @@ def train(
             "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
         }
         history.append(rec)
+        checkpoint_now = config.checkpoint_every and (
+            (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+        )
         if not main_rank:
+            if checkpoint_now and config.fsdp:
+                save_checkpoint(out_dir, model, opt, step + 1, history)  # its collectives only
             continue
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -254,12 +338,12 @@ def train(
             cr=f"{rec['target_cr']:.2f}",
             tok_s=f"{rec['tokens_per_s']:.0f}",
         )
-        if config.checkpoint_every and (
-            (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
-        ):
+        if checkpoint_now:
             save_checkpoint(out_dir, model, opt, step + 1, history)
     model.eval()
+    if config.fsdp:
+        unshard_for_saving(model)  # full adapters on every rank for save_adapters / export
     if main_rank:
         with open(os.path.join(out_dir, "train_config.json"), "w") as f:
-            json.dump({**asdict(config), "world_size": world}, f, indent=2)
+            json.dump({**asdict(config), "world_size": world, **sharding}, f, indent=2)
     return history
