@@ -86,7 +86,9 @@ def shard_model(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("train.fsdp needs torch.distributed: launch with torchrun (gloo on CPU, nccl on GPU)")
+        raise RuntimeError(
+            "train.fsdp needs torch.distributed: launch with torchrun (gloo on CPU, nccl on GPU)"
+        )
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     layers = getattr(getattr(model, "model", None), "layers", None)
