@@ -262,11 +262,18 @@ def run_eval(args: argparse.Namespace) -> dict:
         cfg = type(cfg).model_validate({**cfg.model_dump(), **updates})
     except ValueError as err:
         raise RecipeError(f"Invalid eval option: {err}") from err
-    for label, path in cfg.adapters.items():
-        if not os.path.isdir(path):
-            raise RecipeError(f"eval.adapters.{label}: {path} is not a directory of DMS adapters")
-    results = run_comparison(cfg, recipe.model.name_or_path, progress=not args.no_progress, log=_log)
-    save_results(results, cfg.out_dir)
+    if args.report_only:  # re-render tables, plots and the README block from a finished run
+        path = os.path.join(cfg.out_dir, "results.json")
+        if not os.path.isfile(path):
+            raise RecipeError(f"--report-only: no {path}; run the evaluation first")
+        with open(path) as f:
+            results = json.load(f)
+    else:
+        for label, path in cfg.adapters.items():
+            if not os.path.isdir(path):
+                raise RecipeError(f"eval.adapters.{label}: {path} is not a directory of DMS adapters")
+        results = run_comparison(cfg, recipe.model.name_or_path, progress=not args.no_progress, log=_log)
+        save_results(results, cfg.out_dir)
     paths = write_report(results, cfg.out_dir)
     print(render_markdown(results))
     if args.readme:
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--rounds", type=int, default=None, help="override eval.rounds")
     ev.add_argument("--out", default=None, help="override eval.out_dir")
     ev.add_argument("--readme", default=None, help="replace the comparison block of this README")
+    ev.add_argument("--report-only", action="store_true", help="re-render from OUT/results.json")
     ev.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "eval":

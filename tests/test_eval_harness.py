@@ -312,6 +312,8 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
         _rec("fidelity", "uncompressed", "dense", None, 1.0, 400, kl=0.0, ppl=5.0),
         _rec("fidelity", "dms@cr4", "dms", "cr4", 0.9, kl=0.1, ppl=6.0),
         _rec("fidelity", "snapkv@cr4", "kvpress", "cr4", 0.95, kl=0.05, ppl=5.5),
+        _rec("multi_turn", "dms@cr4", "dms", "cr4", 0.0),
+        _rec("multi_turn", "knorm@cr4", "kvpress", "cr4", 0.0),
     ]
     summary = summarize(records)
     row = {r["method"]: r for r in summary["needle"]}
@@ -321,6 +323,7 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
     assert checks[("needle", "dms@cr4 >= best press at cr4")] is True
     assert checks[("needle", "dms@cr4 within 5 points of uncompressed")] is False
     assert checks[("fidelity", "dms@cr4 >= best press at cr4")] is False
+    assert checks[("multi_turn", "dms@cr4 >= best press at cr4")] is None  # both 0: no verdict
     results = {
         "meta": {
             "model": "m",
@@ -334,7 +337,7 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
         "records": records,
     }
     md = render_markdown(results)
-    assert "| dms@cr4 | 2 | 75.0 |" in md and "FAIL" in md and "KL (nats)" in md
+    assert "| dms@cr4 | 2 | 75.0 |" in md and "FAIL" in md and "KL (nats)" in md and "n/a (both 0)" in md
     paths = write_report(results, str(tmp_path))
     assert (tmp_path / "pareto_needle.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["goal_checks"]
@@ -450,6 +453,10 @@ def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys)
     readme = (tmp_path / "README.md").read_text()
     assert "### Single-needle retrieval" in readme and "pareto_needle.png" in readme
     assert "| dms@cr4 |" in capsys.readouterr().out
+    # the report re-renders from results.json alone
+    (tmp_path / "out" / "comparison.md").unlink()
+    assert main(["eval", "eval.yaml", "--report-only", "--readme", "README.md"]) == 0
+    assert (tmp_path / "out" / "comparison.md").read_text() in (tmp_path / "README.md").read_text()
     # a recipe without an eval section, or a bad override, is a clear error (exit code 2)
     (tmp_path / "noeval.yaml").write_text("model: {name_or_path: ./tiny}\n")
     assert main(["eval", "noeval.yaml"]) == 2

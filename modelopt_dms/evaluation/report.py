@@ -71,7 +71,8 @@ def goal_checks(summary: dict[str, list[dict]]) -> list[dict]:
                         "dms": d["score"],
                         "other": best["score"],
                         "other_method": best["method"],
-                        "pass": d["score"] >= best["score"] - 1e-12,
+                        # both at zero says nothing about the methods (the task beats the model)
+                        "pass": None if d["score"] == best["score"] == 0 else d["score"] >= best["score"],
                     }
                 )
             if dense is not None and d["budget"] == "cr4":
@@ -139,7 +140,7 @@ def render_markdown(results: dict) -> str:
         for c in checks:
             lines.append(
                 f"| {c['task']} | {c['check']} | {_pct(c['dms'])} | {_pct(c['other'])} ({c['other_method']}) "
-                f"| {'pass' if c['pass'] else 'FAIL'} |"
+                f"| {'n/a (both 0)' if c['pass'] is None else 'pass' if c['pass'] else 'FAIL'} |"
             )
         lines.append("")
     return "\n".join(lines)
