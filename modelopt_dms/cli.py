@@ -278,7 +278,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     print(render_markdown(results))
     if args.readme:
         plots = [p for k, p in paths.items() if k.startswith("pareto_")]
-        update_readme(args.readme, render_markdown(results), [os.path.relpath(p) for p in plots])
+        update_readme(
+            args.readme, render_markdown(results), [os.path.relpath(p) for p in plots], args.readme_block
+        )
         _log(f"[eval] updated the comparison section of {args.readme}")
     _log(f"[eval] results in {cfg.out_dir}")
     return results
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--rounds", type=int, default=None, help="override eval.rounds")
     ev.add_argument("--out", default=None, help="override eval.out_dir")
     ev.add_argument("--readme", default=None, help="replace the comparison block of this README")
+    ev.add_argument("--readme-block", default="comparison", help="marker name of the README block")
     ev.add_argument("--report-only", action="store_true", help="re-render from OUT/results.json")
     ev.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -351,6 +351,9 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n")
     assert "NEW TABLE" in text and "old" not in text and "![pareto_needle.png](a/pareto_needle.png)" in text
+    readme.write_text("a\n<!-- short:start -->\n<!-- short:end -->\n" + readme.read_text())
+    update_readme(str(readme), "SHORT", [], block="short")
+    assert "SHORT" in readme.read_text() and "NEW TABLE" in readme.read_text()
     bare = tmp_path / "B.md"
     bare.write_text("no markers")
     with pytest.raises(ValueError, match="comparison:start"):
@@ -377,6 +380,7 @@ def test_committed_eval_recipe_validates():
 
     r = load_recipe("recipes/eval_smollm2_135m.yaml")
     assert r.eval is not None and set(r.eval.adapters) == {"cr4", "cr8"}
+    assert load_recipe("recipes/eval_smollm2_135m_short.yaml").eval.rounds >= 6
     assert len(r.eval.presses) == 7 and max(r.eval.needle_contexts) == 8192
 
 

@@ -14,7 +14,6 @@ TASK_TITLES = {
     "multi_needle": "Multi-needle retrieval (door codes, fraction recalled)",
     "multi_turn": "Multi-turn recall (fact in turn 1, asked in turn 3)",
 }
-README_START, README_END = "<!-- comparison:start -->", "<!-- comparison:end -->"
 
 
 def summarize(records: list[dict]) -> dict[str, list[dict]]:
@@ -203,16 +202,17 @@ def write_report(results: dict, out_dir: str) -> dict[str, str]:
     return paths
 
 
-def update_readme(readme: str, markdown: str, plots: list[str]) -> None:
-    """Replace the text between the comparison markers of ``readme`` (atomically)."""
+def update_readme(readme: str, markdown: str, plots: list[str], block: str = "comparison") -> None:
+    """Replace the text between the ``<!-- {block}:start/end -->`` markers of ``readme`` (atomically)."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     with open(readme) as f:
         text = f.read()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to replace")
-    pre, rest = text.split(README_START, 1)
-    _, post = rest.split(README_END, 1)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} block to replace")
+    pre, rest = text.split(start, 1)
+    _, post = rest.split(end, 1)
     images = "\n".join(f"![{os.path.basename(p)}]({p})" for p in plots)
-    block = f"{README_START}\n{markdown}\n{images}\n{README_END}"
+    block = f"{start}\n{markdown}\n{images}\n{end}"
     tmp = readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(pre + block + post)
