@@ -61,6 +61,19 @@ def tiny_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(texts: list[str]):
+    """:func:`tiny_tokenizer` with a ChatML chat template (like SmolLM2's, without a system turn)."""
+    tok = tiny_tokenizer([*texts, CHATML])
+    tok.chat_template = CHATML
+    return tok
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

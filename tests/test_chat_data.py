@@ -6,15 +6,11 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import tiny_chat_tokenizer, tiny_tokenizer
 
 from modelopt_dms.recipe import DataSection
 from modelopt_dms.training.chat_data import RECALL_TEMPLATES, mix_chat_sequences
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 FILLER = "The quick brown fox jumps over the lazy dog 0123456789, said Zed; pack my box with jugs. "
 PHRASES = (
     "Continue this text: Read the text and "
@@ -26,9 +22,7 @@ PHRASES = (
 
 @pytest.fixture(scope="module")
 def tok():
-    t = tiny_tokenizer([FILLER * 30, PHRASES * 30, CHATML])
-    t.chat_template = CHATML
-    return t
+    return tiny_chat_tokenizer([FILLER * 30, PHRASES * 30])
 
 
 @pytest.fixture(scope="module")

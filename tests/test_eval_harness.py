@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_chat_tokenizer, tiny_model
 
 import modelopt_dms as dms
 from modelopt_dms.evaluation.harness import evaluate_sample, task_cells
@@ -31,10 +31,6 @@ from modelopt_dms.recipe import EvalSection
 
 kvpress = pytest.importorskip("kvpress", reason="kvpress is in the bench extra")
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
     "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. 0123456789 "
@@ -48,9 +44,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def tok():
-    t = tiny_tokenizer([TEXT * 20, CHATML])
-    t.chat_template = CHATML
-    return t
+    return tiny_chat_tokenizer([TEXT * 20])
 
 
 @pytest.fixture(scope="module")
