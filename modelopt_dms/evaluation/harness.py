@@ -53,21 +53,21 @@ def build_methods(base, tokenizer, cfg: EvalSection, calib: list[torch.Tensor] |
     return methods
 
 
-def task_cells(cfg: EvalSection) -> list[tuple[str, int, float | None]]:
-    """``(task, context_tokens, depth)`` cells; one sample of each per round.
+def task_cells(cfg: EvalSection) -> list[tuple[str, int]]:
+    """``(task, context_tokens)`` cells; one sample of each per round.
 
     Needle depths are cycled over rounds (round ``r`` uses ``needle_depths[r % n]``), so ``n``
     rounds cover every (length, depth) pair once.
     """
-    cells: list[tuple[str, int, float | None]] = [("fidelity", c, None) for c in cfg.fidelity_contexts]
-    cells += [("needle", c, None) for c in cfg.needle_contexts]
-    cells += [("multi_needle", c, None) for c in cfg.multi_needle_contexts]
-    cells += [("multi_turn", c, None) for c in cfg.multi_turn_contexts]
+    cells = [("fidelity", c) for c in cfg.fidelity_contexts]
+    cells += [("needle", c) for c in cfg.needle_contexts]
+    cells += [("multi_needle", c) for c in cfg.multi_needle_contexts]
+    cells += [("multi_turn", c) for c in cfg.multi_turn_contexts]
     return cells
 
 
 def _make_sample(cell, rnd: int, tokenizer, stream: list[int], windows: dict, cfg: EvalSection) -> EvalSample:
-    task, ctx, depth = cell
+    task, ctx = cell
     seed = random.Random(f"{cfg.seed}/{task}/{ctx}/{rnd}").randrange(2**31)
     if task == "fidelity":
         rows = windows[ctx]

@@ -133,10 +133,10 @@ def save_checkpoint(
     out_dir: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list
 ) -> str:
     """Atomically write ``out_dir/checkpoint`` (trainable tensors, optimizer, step, log, RNG)."""
-    trainable, opt_state = _trainable_state(model), _optimizer_state(model, opt)  # collective
-    if _world()[1] != 0:
-        return os.path.join(out_dir, "checkpoint")
     final = os.path.join(out_dir, "checkpoint")
+    trainable, opt_state = _trainable_state(model), _optimizer_state(model, opt)  # collective
+    if _world()[1] != 0:  # FSDP ranks > 0 only take part in the gathers above
+        return final
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=out_dir)
     try:
         save_file(trainable, os.path.join(tmp, "trainable.safetensors"))
