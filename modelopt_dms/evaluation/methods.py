@@ -75,6 +75,13 @@ class _Method:
     def _step(self, cache, ids: torch.Tensor, pos: int) -> torch.Tensor:
         return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
 
+    def _feed(self, cache, sample) -> torch.Tensor | None:
+        """Every segment through ``cache`` in order (logical positions); the question's logits."""
+        last = None
+        for seg in sample.segments:
+            last = self._step(cache, seg, 0)
+        return last if len(sample.segments) > 1 else None
+
     def _finish(self, sample, cache, last_logits: torch.Tensor | None, pos: int) -> dict[str, Any]:
         if sample.scored is not None:
             return {"scored_logits": self._step(cache, sample.scored, pos)[0]}
@@ -102,11 +109,10 @@ class DenseMethod(_Method):
         """Feed all segments densely; keeps every token."""
         from transformers import DynamicCache
 
-        cache, last = DynamicCache(), None
-        for seg in sample.segments:
-            last = self._step(cache, seg, 0)
+        cache = DynamicCache()
+        last = self._feed(cache, sample)
         held = _dynamic_cache_bytes(cache)
-        out = self._finish(sample, cache, last if len(sample.segments) > 1 else None, 0)
+        out = self._finish(sample, cache, last, 0)
         return RunResult(
             kept_tokens=float(sample.input_tokens), input_tokens=sample.input_tokens, kv_bytes=held, **out
         )
@@ -124,12 +130,11 @@ class DMSMethod(_Method):
     @torch.inference_mode()
     def run(self, sample, kept_target: float | None = None) -> RunResult:
         """Feed all segments through one DMSCache; kept tokens come from :func:`cache_stats`."""
-        cache, last = DMSCache(), None
-        for seg in sample.segments:
-            last = self._step(cache, seg, 0)
+        cache = DMSCache()
+        last = self._feed(cache, sample)
         st = cache_stats(cache)
         kept = float(st["tokens_kept"].float().mean())
-        out = self._finish(sample, cache, last if len(sample.segments) > 1 else None, 0)
+        out = self._finish(sample, cache, last, 0)
         return RunResult(
             kept_tokens=kept, input_tokens=sample.input_tokens, kv_bytes=int(st["kv_bytes_allocated"]), **out
         )
