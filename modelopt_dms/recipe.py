@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import DMSConfig
+from .evaluation.methods import PRESS_NAMES
 
 __all__ = ["EvalSection", "Recipe", "RecipeError", "load_recipe"]
 
@@ -99,7 +100,6 @@ class ExportSection(_Section):
     overwrite: bool = False
 
 
-_PRESSES = ("streaming_llm", "snapkv", "tova", "knorm", "expected_attention", "keydiff", "dms_press")
 
 
 class EvalSection(_Section):
@@ -112,7 +112,7 @@ class EvalSection(_Section):
 
     adapters: dict[str, str] = Field(default_factory=dict)
     fp8_kv: list[str] = Field(default_factory=list)
-    presses: list[Literal[_PRESSES]] = Field(default_factory=lambda: list(_PRESSES))  # type: ignore[valid-type]
+    presses: list[Literal[PRESS_NAMES]] = Field(default_factory=lambda: list(PRESS_NAMES))  # type: ignore[valid-type]
     budgets: dict[str, float] = Field(default_factory=lambda: {"cr4": 4.0, "cr8": 8.0})
     fidelity_contexts: list[int] = Field(default_factory=lambda: [2048])
     continuation_tokens: int = Field(64, ge=2, le=4096)

@@ -74,6 +74,36 @@ def tiny_chat_tokenizer(texts: list[str]):
     return tok
 
 
+def run_fresh_script(root, source: str, args: list[str], timeout: float, **env: str) -> dict:
+    """Run ``source`` as ``root/check.py`` in a new Python process (offline); return its results.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = root / "check.py"
+    script.write_text(source)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **env},
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and least disturbed by other load, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

@@ -19,8 +19,6 @@ import glob
 import inspect
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import run_fresh_script, tiny_model, tiny_tokenizer
 from modelopt.torch.opt.conversion import ApplyModeError
 from modelopt.torch.quantization.nn import TensorQuantizer
 from safetensors.torch import load_file, save_file
@@ -47,12 +45,7 @@ BLOCK_KEYS |= {"layers"}
 CHAIN_MODES = ["dms", "quantize", "max_calibrate"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=FAMILIES)
@@ -525,19 +518,7 @@ def fresh_results(tmp_path_factory) -> dict:
         dms.export_hf_checkpoint(quant, d / "export_fp8")
         mto.save(quant, d / "chain.pth")
         quant.save_pretrained(d / "chain_hf")
-    script = root / "check.py"
-    script.write_text(_FRESH_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(root), *FAMILIES],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=root,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((root / "results.json").read_text())
+    return run_fresh_script(root, _FRESH_SCRIPT, list(FAMILIES), timeout=300, OMP_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize(("case", "atol"), FRESH_CASES, ids=[c for c, _ in FRESH_CASES])

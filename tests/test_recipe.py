@@ -25,12 +25,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny_test.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_dict() -> dict:

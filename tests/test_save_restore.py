@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import modelopt.torch.opt as mto
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_fresh_script, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -496,19 +494,7 @@ def fresh_process_results(tmp_path_factory) -> dict:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "weights.safetensors"))
         model.save_pretrained(d / "hf")
         dms.save_adapters(model, d / "adapters")
-    script = root / "check.py"
-    script.write_text(_FRESH_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(root), *KINDS],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=root,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((root / "results.json").read_text())
+    return run_fresh_script(root, _FRESH_SCRIPT, list(KINDS), timeout=600)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -43,13 +43,7 @@ LOG_KEYS = ("loss", "kl", "compression", "eviction_rate", "target_cr", "target_e
 
 
 # ------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and least disturbed by other load, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kl64(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
