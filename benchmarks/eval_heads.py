@@ -3,7 +3,7 @@
 Prints a markdown table and writes JSON + a PNG plot. Example:
 
     .venv/bin/python benchmarks/eval_heads.py --adapters artifacts/smollm2_135m_dms_cr8 \
-        --contexts 1024 2048 4096 --out benchmarks/results/heads_cr8.json
+        --contexts 1024 2048 4096 --out benchmarks/results/heads/heads_cr8.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 import torch
 
 import modelopt_dms as dms
-from modelopt_dms.evaluation import fidelity_on_text, make_passkey_sample, passkey_accuracy
-from modelopt_dms.training.data import PYTHON_DOCS_GLOB, build_token_sequences
+from modelopt_dms.corpus import DEFAULT_CACHE_DIR, PYTHON_DOCS_GLOB, build_token_sequences, split_token_stream
+from modelopt_dms.evaluation import fidelity_on_text, passkey_accuracy, passkey_samples
 
 
 def log(msg: str) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--passkey-seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/heads_eval.json")
+    p.add_argument("--out", default="benchmarks/results/heads/heads_eval.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -58,24 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
             c,
             "heldout",
             max_sequences=args.texts,
-            cache_dir=".cache/modelopt_dms/data",
+            cache_dir=DEFAULT_CACHE_DIR,
         )
         for c in args.contexts
     }
-    filler = build_token_sequences(
-        tok, PYTHON_DOCS_GLOB, 8192, "heldout", max_sequences=1, cache_dir=".cache/modelopt_dms/data"
-    )[0].tolist()
-    samples = [
-        make_passkey_sample(tok, filler, c, d, seed)
-        for c in args.passkey_contexts
-        for d in args.passkey_depths
-        for seed in range(args.passkey_seeds)
-    ]
+    stream = split_token_stream(tok, PYTHON_DOCS_GLOB, "heldout")
+    samples = passkey_samples(tok, stream, args.passkey_contexts, args.passkey_depths, args.passkey_seeds)
 
     for i, adapters in enumerate(args.adapters):
         model = copy.deepcopy(base)
         dms.load_adapters(model, adapters)
-        window = dms.dms_modules(model)[0]._dms.window_size
+        window = dms.dms_config(model).window_size
         name = os.path.basename(os.path.normpath(adapters))
         entry = {"adapters": adapters, "window_size": window, "fidelity": {}, "passkey": {}}
         for c in args.contexts:

@@ -21,8 +21,8 @@ import time
 import torch
 
 import modelopt_dms as dms
-from modelopt_dms.evaluation.fidelity import kl_per_token, teacher_forced_match
-from modelopt_dms.training.data import PYTHON_DOCS_GLOB, build_token_sequences
+from modelopt_dms.corpus import DEFAULT_CACHE_DIR, PYTHON_DOCS_GLOB, build_token_sequences
+from modelopt_dms.evaluation.metrics import kl_per_token, top1_agreement
 
 
 def log(msg: str) -> None:
@@ -47,14 +47,14 @@ def main(argv=None) -> dict:
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--texts", type=int, default=2)
     p.add_argument("--calib", type=int, default=8, help="calibration sequences (train split, 512 tokens)")
-    p.add_argument("--out", default="benchmarks/results/fp8_table.json")
+    p.add_argument("--out", default="benchmarks/results/fp8/fp8_table.json")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
     base, tok = dms.load_model(args.model)
     dms.load_adapters(base, args.adapters)
     calib_ids = build_token_sequences(
-        tok, PYTHON_DOCS_GLOB, 512, "train", max_sequences=args.calib, cache_dir=".cache/modelopt_dms/data"
+        tok, PYTHON_DOCS_GLOB, 512, "train", max_sequences=args.calib, cache_dir=DEFAULT_CACHE_DIR
     )
     calib = [calib_ids[i : i + 1] for i in range(calib_ids.shape[0])]
     log(f"calibrating FP8 KV quantizers on {len(calib)} x 512 training tokens ...")
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
             ctx,
             "heldout",
             max_sequences=args.texts,
-            cache_dir=".cache/modelopt_dms/data",
+            cache_dir=DEFAULT_CACHE_DIR,
         )
         acc = {
             name: {"kl": 0.0, "kl_vs_dms": 0.0, "match": 0.0, "alloc": 0, "dense": 0, "cr": 0.0}
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
                     dms_logits = logits
                 a = acc[name]
                 a["kl"] += float(kl_per_token(ref, logits).mean()) / texts.shape[0]
-                a["match"] += teacher_forced_match(ref, logits) / texts.shape[0]
+                a["match"] += top1_agreement(ref, logits) / texts.shape[0]
                 a["alloc"] += st["kv_bytes_allocated"] // texts.shape[0]
                 a["dense"] += st["kv_bytes_dense"] // texts.shape[0]
                 a["cr"] += st["compression_ratio"] / texts.shape[0]

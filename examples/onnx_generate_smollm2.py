@@ -6,7 +6,7 @@
                                                                           # eviction; text degrades
 
 Steps: load SmolLM2-135M-Instruct (``modelopt_dms.load_model("smollm2-135m")``), apply DMS (or load trained
-adapters), export one generation step to ONNX (``modelopt_dms.onnx_export.export_onnx``), run greedy decoding
+adapters), export one generation step to ONNX (``modelopt_dms.export.onnx.export_onnx``), run greedy decoding
 on ONNX Runtime with the driver's own compact cache (``OnnxDMSGenerator``), run the same greedy decoding in
 PyTorch with ``DMSCache`` (``model.generate``), and compare tokens, per-step logits and per-row kept counts.
 Fixed-pattern eviction (``modelopt_dms.fixed_eviction``) cannot be exported: the ONNX graph evaluates the
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import modelopt_dms as dms
-from modelopt_dms.onnx_export import export_onnx
-from modelopt_dms.onnx_runtime import OnnxDMSGenerator
+from modelopt_dms.export.onnx import export_onnx
+from modelopt_dms.export.onnx_runtime import OnnxDMSGenerator
 
 PROMPT = (
     "Here is a short passage.\n\n"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     w = m.dms_adapter.proj.weight
                     w.copy_(torch.randn(w.shape, generator=gen) * args.random_adapter_std)
             source = f"RANDOM adapters std {args.random_adapter_std} (window {args.window}; demo only)"
-    window = dms.dms_modules(model)[0]._dms.window_size
+    window = dms.dms_config(model).window_size
     log(f"[2/5] DMS applied: {source}")
 
     onnx_path = out_dir / "smollm2_dms_step.onnx"

@@ -1,43 +1,54 @@
 """modelopt-dms: Dynamic Memory Sparsification as a Model Optimizer mode.
 
-``import modelopt_dms`` registers the ``dms`` mode (and its plugins) with Model Optimizer.
+``import modelopt_dms`` registers the ``dms`` mode with Model Optimizer and installs the plugins
+(transformers attention classes, ``from_pretrained`` / ``generate`` hooks, FP8 quantization glue).
 """
 
-from .adapters_io import load_adapters, save_adapters
-from .attention import DMSAttention
+from . import mode, plugins  # noqa: F401  (registration happens on import)
+from ._version import __version__
 from .cache import DMSCache, cache_stats
-from .config import DMSConfig
-from .control import (
+from .config import DMS_DEFAULT_CFG, DMS_SMALL_MODEL_CFG, DMSConfig
+from .conversion import DMS_FORMAT_VERSION, is_dms_model  # noqa: F401
+from .export import (
+    OnnxDMSGenerator,
+    export_hf_checkpoint,
+    export_onnx,
+    load_adapters,
+    load_exported,
+    save_adapters,
+)
+from .loading import load_model
+from .mode import DMSModeDescriptor  # noqa: F401
+from .model_dms import (  # noqa: F401
+    apply_dms,
     collect_decisions,
+    dms_config,
     dms_modules,
     eviction_disabled,
     eviction_rate,
     fixed_eviction,
+    fp8_config,
+    print_dms_summary,
+    quantize_fp8,
     set_step,
 )
-from .conversion import apply_dms
-from .hf_export import export_hf_checkpoint, install_from_pretrained_hook, load_exported
-from .loading import load_model
-from .mode import DMS_FORMAT_VERSION, DMSModeDescriptor, is_dms_model
-from .onnx_export import export_onnx
-from .onnx_runtime import OnnxDMSGenerator
-from .quantization import fp8_config, quantize_fp8, register_dms_for_quantization
 
-install_from_pretrained_hook()
-
-__version__ = "0.1.0"
+# Importable for advanced use, but internals, not part of __all__:
+from .nn.attention import DMSAttention  # noqa: F401
+from .plugins.huggingface import install_from_pretrained_hook  # noqa: F401
+from .plugins.quantization import register_dms_for_quantization  # noqa: F401
 
 __all__ = [
-    "DMS_FORMAT_VERSION",
-    "DMSAttention",
+    "DMS_DEFAULT_CFG",
+    "DMS_SMALL_MODEL_CFG",
     "DMSCache",
     "DMSConfig",
-    "DMSModeDescriptor",
     "OnnxDMSGenerator",
+    "__version__",
     "apply_dms",
     "cache_stats",
     "collect_decisions",
-    "dms_modules",
+    "dms_config",
     "eviction_disabled",
     "eviction_rate",
     "export_hf_checkpoint",
@@ -45,10 +56,10 @@ __all__ = [
     "fixed_eviction",
     "fp8_config",
     "is_dms_model",
-    "register_dms_for_quantization",
     "load_adapters",
     "load_exported",
     "load_model",
+    "print_dms_summary",
     "quantize_fp8",
     "save_adapters",
     "set_step",

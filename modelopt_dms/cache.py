@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .masks import diagonal_validity
+from .nn.masks import diagonal_validity
 
 __all__ = ["DMSCache", "cache_stats"]
 
@@ -81,7 +81,7 @@ class DMSCache(Cache):
     is_dms_cache = True
     is_compileable = False
 
-    def __init__(self, block_size: int = 64, prefill_chunk_size: int | None = 256, **_: Any) -> None:
+    def __init__(self, block_size: int = 64, prefill_chunk_size: int | None = 256) -> None:
         super().__init__(layers=[])
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")

@@ -11,14 +11,14 @@ Accepted sources:
 from __future__ import annotations
 
 import importlib.util
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .plugins.huggingface import quiet_loading
 
 __all__ = ["KNOWN_MODELS", "load_model", "resolve_model_source"]
 
@@ -101,74 +101,26 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> tuple[Path, str | N
     )
 
 
-# GGUF value type -> struct format of a little-endian scalar (8 = string and 9 = array are handled apart).
-_GGUF_SCALARS = {
-    0: "<B",  # uint8
-    1: "<b",  # int8
-    2: "<H",  # uint16
-    3: "<h",  # int16
-    4: "<I",  # uint32
-    5: "<i",  # int32
-    6: "<f",  # float32
-    7: "<?",  # bool
-    10: "<Q",  # uint64
-    11: "<q",  # int64
-    12: "<d",  # float64
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
 _TOKENIZER_KEYS = ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token", "add_eos_token")
 
 
 def read_gguf_metadata(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Scalar and string values of the metadata ``keys`` of a GGUF file (arrays are skipped).
+    """Scalar and string values of the metadata ``keys`` of a GGUF file, read with ``gguf``.
 
-    Reads only the key/value header (milliseconds, where ``gguf.GGUFReader`` also indexes every tensor).
-    Returns ``{}`` for a file that is not little-endian GGUF v2/v3 or is truncated.
+    Arrays are returned as ``None`` (only their presence is reported); absent keys are left out.
+    Returns ``{}`` for a file that ``gguf`` cannot read (not GGUF, truncated).
     """
-    wanted = set(keys)
-    out: dict[str, Any] = {}
+    from gguf import GGUFReader, GGUFValueType
+
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
-                return {}
-            (num_kv,) = struct.unpack_from("<Q", buf, 16)
-            pos = 24
-
-            def read_string(pos: int) -> tuple[bytes, int]:
-                (length,) = struct.unpack_from("<Q", buf, pos)
-                return buf[pos + 8 : pos + 8 + length], pos + 8 + length
-
-            def read_value(vtype: int, pos: int) -> tuple[Any, int]:
-                if vtype in _GGUF_SCALARS:
-                    fmt = _GGUF_SCALARS[vtype]
-                    return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-                if vtype == _GGUF_STRING:
-                    raw, pos = read_string(pos)
-                    return raw.decode("utf-8", errors="replace"), pos
-                if vtype == _GGUF_ARRAY:
-                    etype, count = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    if etype in _GGUF_SCALARS:
-                        return None, pos + count * struct.calcsize(_GGUF_SCALARS[etype])
-                    for _ in range(count):
-                        if etype == _GGUF_STRING:
-                            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-                        else:
-                            _, pos = read_value(etype, pos)
-                    return None, pos
-                raise ValueError(f"unknown GGUF value type {vtype}")
-
-            for _ in range(num_kv):
-                raw_key, pos = read_string(pos)
-                (vtype,) = struct.unpack_from("<I", buf, pos)
-                value, pos = read_value(vtype, pos + 4)
-                key = raw_key.decode("utf-8", errors="replace")
-                if key in wanted:
-                    out[key] = value
-                    if len(out) == len(wanted):
-                        break
-    except (OSError, ValueError, struct.error):
+        fields = GGUFReader(os.fspath(path)).fields
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
         return {}
+    out: dict[str, Any] = {}
+    for key in keys:
+        field = fields.get(key)
+        if field is not None:
+            out[key] = None if field.types[0] == GGUFValueType.ARRAY else field.contents()
     return out
 
 
@@ -228,10 +180,11 @@ def load_model(
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **common)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=dtype, attn_implementation=attn_implementation, **common
-    )
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=dtype, attn_implementation=attn_implementation, **common
+        )
     model.eval()
 
     if gguf_file is not None:

@@ -1,9 +1,9 @@
 """DMS attention layers against float64 references computed by hand from the module weights.
 
-The reference re-derives every step of DESIGN.md §2 (input RMSNorm, q/k/v projections, q/k norms,
+The reference re-derives every step of docs/design.md §2 (input RMSNorm, q/k/v projections, q/k norms,
 decision logits, RoPE, soft or hard delayed-eviction mask, GQA attention, output projection)
 with plain float64 tensor arithmetic and naive loops for the masks; it never calls
-``modelopt_dms.masks``.
+``modelopt_dms.nn.masks``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import modelopt_dms as dms
-import modelopt_dms.attention as dms_attention
-from modelopt_dms.decisions import logistic_noise
+import modelopt_dms.nn.attention as dms_attention
+from modelopt_dms.nn.decisions import logistic_noise
 
 NEG_INF = float("-inf")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -174,16 +174,10 @@ def reference_layer(layer, residual, position_ids, cfg, *, mode, step=0, pad=Non
 
 
 def full_cfg(model):
-    rt = dms.dms_modules(model)[0]._dms
-    return {
-        "window_size": rt.window_size,
-        "decision": rt.decision,
-        "granularity": rt.granularity,
-        "temperature": rt.temperature,
-        "logit_scale": rt.logit_scale,
-        "logit_offset": rt.logit_offset,
-        "noise_seed": rt.noise_seed,
-    }
+    cfg = dms.dms_config(model)
+    keys = ("window_size", "decision", "granularity", "temperature", "logit_scale", "logit_offset")
+    keys += ("noise_seed",)
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def left_padding_mask(bsz, t, pads):
@@ -204,7 +198,7 @@ CASES = [
     ("qwen3", "adapter", "layer"),
     ("qwen3", "borrowed_neuron", "head"),
 ]
-# fp64 model vs an exact float64 reference. Attention outputs here are O(1e-2); DESIGN.md §2
+# fp64 model vs an exact float64 reference. Attention outputs here are O(1e-2); docs/design.md §2
 # invariant (4) asks ~1e-6. (The library currently runs softmax in float32 even for float64
 # inputs, which leaves ~1e-8 absolute differences; a real mask error is O(1e-3).)
 ATOL = 2e-7
@@ -357,7 +351,7 @@ def test_eviction_disabled_reproduces_original_logits(family, attn):
     real = mask.bool()
     assert (got[real] - ref[real]).abs().max() <= 1e-5
     assert (got_train - ref_train).abs().max() <= 1e-5
-    assert all(not m._dms.eviction_disabled for m in dms.dms_modules(model))
+    assert all(not m.dms_switches.eviction_disabled for m in dms.dms_modules(model))
 
 
 def test_eviction_disabled_mistral_sliding_window():

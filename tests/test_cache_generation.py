@@ -31,13 +31,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add (large, load-dependent) synchronisation cost."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
 
 
 # --------------------------------------------------------------------------- helpers

@@ -3,7 +3,7 @@
 No model is involved: random float64 q/k/v and random decisions are fed to ``dms_attend`` in
 random sequences of calls (a prefill, 1-token decode steps, more prefills = multi-turn), each call
 with random LEFT padding given as a 2D or 4D mask, with random ``prefill_chunk_size`` and
-``block_size``. The reference (DESIGN.md §2) keeps, per (layer, batch row, KV head), plain Python
+``block_size``. The reference (docs/design.md §2) keeps, per (layer, batch row, KV head), plain Python
 lists of every real token's q/k/v and decision; positions count real tokens of that row only.
 
 * output of a real query at position ``q``: softmax over keys ``k <= q`` with NOT
@@ -40,13 +40,7 @@ SLOW = settings(FAST, max_examples=4000)
 EVICT_RATES = [0.9, 0.9, 0.9, 0.5, 0.1, 0.0, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add (large, load-dependent) synchronisation cost."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
 
 
 # --------------------------------------------------------------------------- scenario
@@ -136,7 +130,7 @@ def ref_output(row: RefRow, q_pos: int, window: int, scaling: float) -> torch.Te
 
 
 def expected_kept(d: list[bool], window: int) -> tuple[set[int], dict[int, bool]]:
-    """Positions a row keeps after ``len(d)`` tokens and their flags (DESIGN.md §2)."""
+    """Positions a row keeps after ``len(d)`` tokens and their flags (docs/design.md §2)."""
     total, big_w = len(d), window + 1
     kept = set(range(max(0, total - big_w), total))
     kept |= {k for k in range(max(0, total - big_w)) if not d[k + 1]}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_chat_tokenizer, tiny_tokenizer
 
-from modelopt_dms.recipe import DataSection
 from modelopt_dms.training.chat_data import RECALL_TEMPLATES, mix_chat_sequences
+from modelopt_dms.training.recipe import DataSection
 
 FILLER = "The quick brown fox jumps over the lazy dog 0123456789, said Zed; pack my box with jugs. "
 PHRASES = (

@@ -1,6 +1,8 @@
-"""DMSConfig validation: defaults from DESIGN.md §2 and every invalid value rejected by name."""
+"""DMSConfig validation: defaults from docs/design.md §2 and every invalid value rejected by name."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from pydantic import ValidationError
 
 import modelopt_dms as dms
 from modelopt_dms import DMSConfig
+from modelopt_dms.config import DMS_BLOCK_FORMAT_VERSION, DMSBlockError
 
 
 def test_defaults_follow_the_design():
@@ -95,3 +98,73 @@ def test_apply_rejects_invalid_config_and_leaves_model_unmodified(bad):
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert not any(len(layer._forward_pre_hooks) for layer in model.model.layers)
+
+
+# ------------------------------------------------------------------ the config.json block round trip
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"window_size": 64, "target_compression_ratio": 4.0},
+        {"decision": "borrowed_neuron", "granularity": "layer", "temperature": 0.5, "noise_seed": 7},
+        {"logit_scale": 50.0, "logit_offset": -2.5, "layers": [0, 2]},
+    ],
+)
+def test_block_round_trip_through_dmsconfig(cfg):
+    config = DMSConfig(**cfg)
+    layers = config.layers if config.layers is not None else [0, 1, 2]
+    block = config.to_block(layers, fp8_kv=True)
+    assert block["format_version"] == DMS_BLOCK_FORMAT_VERSION and block["kv_cache"]["fp8"] is True
+    # every DMSConfig field is in the block: a new setting needs no writer/reader change
+    assert set(DMSConfig.model_fields) <= set(block)
+    back = DMSConfig.from_block(json.loads(json.dumps(block)), num_layers=3)
+    assert back == config
+    assert DMSConfig.from_block(block).layers == layers  # without the layer count: explicit list
+
+
+def _block(**changes):
+    block = DMSConfig(window_size=16).to_block([0, 1])
+    for key, value in changes.items():
+        if value is _DROP:
+            block.pop(key)
+        else:
+            block[key] = value
+    return block
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"window_size": _DROP}, r"lacks the key\(s\) \['window_size'\]"),
+        ({"surprise": 1}, r"dms_config\.surprise: unknown key"),
+        ({"decision": "neuron"}, r"dms_config\.decision"),
+        ({"window_size": True}, r"dms_config\.window_size"),
+        ({"window_size": "64"}, r"dms_config\.window_size"),
+        ({"format_version": 1.0}, r"format version 1\.0"),
+        ({"format_version": True}, r"format version True"),
+        ({"format_version": 2}, r"format version 2"),
+        ({"method": "h2o"}, r"method"),
+        ({"kv_cache": _DROP}, r"kv_cache"),
+    ],
+)
+def test_bad_blocks_are_refused_naming_the_key(changes, match):
+    with pytest.raises(DMSBlockError, match=match):
+        DMSConfig.from_block(_block(**changes), where="x/config.json")
+
+
+def test_a_block_that_is_not_a_mapping_is_refused():
+    with pytest.raises(DMSBlockError, match="must be a mapping, got list"):
+        DMSConfig.from_block([1, 2])
+
+
+def test_config_is_frozen_and_strict():
+    cfg = DMSConfig(window_size=8)
+    with pytest.raises(ValidationError):
+        cfg.window_size = 9
+    with pytest.raises(ValidationError, match="window_size"):
+        DMSConfig(window_size=True)
+    assert DMSConfig(temperature=1).temperature == 1  # an int is a valid float

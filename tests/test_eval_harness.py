@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_chat_tokenizer, tiny_model
 
 import modelopt_dms as dms
+from modelopt_dms.evaluation.config import EvalConfig as EvalSection
 from modelopt_dms.evaluation.harness import evaluate_sample, task_cells
 from modelopt_dms.evaluation.methods import DenseMethod, DMSMethod, PressMethod, make_press
 from modelopt_dms.evaluation.metrics import mean_kl, needle_recall, perplexity, top1_agreement
@@ -27,7 +28,6 @@ from modelopt_dms.evaluation.tasks import (
     make_multi_turn_sample,
     make_needle_sample,
 )
-from modelopt_dms.recipe import EvalSection
 
 kvpress = pytest.importorskip("kvpress", reason="kvpress is in the bench extra")
 
@@ -370,7 +370,7 @@ def test_eval_section_validation():
 
 
 def test_committed_eval_recipe_validates():
-    from modelopt_dms.recipe import load_recipe
+    from modelopt_dms.evaluation.config import load_eval_recipe as load_recipe
 
     r = load_recipe("recipes/eval_smollm2_135m.yaml")
     assert r.eval is not None and set(r.eval.adapters) == {"cr4", "cr8"}

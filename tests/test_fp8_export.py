@@ -33,9 +33,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import modelopt_dms as dms
-from modelopt_dms import hf_export
+from modelopt_dms import config as dms_config_module
+from modelopt_dms import fileio
 from modelopt_dms.cli import main as cli_main
-from modelopt_dms.quantization import QuantDMSAttention, kv_fp8_scales
+from modelopt_dms.plugins.quantization import QuantDMSAttention, kv_fp8_scales
 
 FAMILIES = ["llama", "qwen3"]
 WINDOW = 3
@@ -317,7 +318,7 @@ def test_quantize_then_dms_is_refused(cfg_name, family):
 # ------------------------------------------------------------------------------------ 5. export round trips
 def _check_block(block: dict, fp8: bool) -> None:
     assert BLOCK_KEYS <= set(block)
-    assert block["format_version"] == hf_export.DMS_EXPORT_FORMAT_VERSION == 1
+    assert block["format_version"] == dms_config_module.DMS_BLOCK_FORMAT_VERSION == 1
     assert block["method"] == "dms"
     assert block["decision"] == "adapter"
     assert block["window_size"] == WINDOW
@@ -348,7 +349,7 @@ def test_export_unquantized_round_trip(family, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no remote code
     assert type(loaded).__name__ == type(model).__name__
     assert dms.is_dms_model(loaded)
-    assert [m._dms.window_size for m in dms.dms_modules(loaded)] == [WINDOW, WINDOW]
+    assert [m.dms_config.window_size for m in dms.dms_modules(loaded)] == [WINDOW, WINDOW]
     _assert_same(ref, _run(loaded, ids))
 
     reloaded, tok = dms.load_exported(out)
@@ -627,11 +628,11 @@ def test_interrupted_publish_keeps_previous_export(tmp_path, monkeypatch):
 
     def replace_then_interrupt(src, dst):
         calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("interrupted")
+        if Path(dst) == target and fileio.TEMP_MARK in Path(src).name and ".old" not in Path(src).name:
+            raise KeyboardInterrupt("interrupted")  # the move of the new export into place
         real_replace(src, dst)
 
-    monkeypatch.setattr(hf_export.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(fileio.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         dms.export_hf_checkpoint(_dms_model("llama", seed=3), target, overwrite=True)
     monkeypatch.undo()
@@ -711,7 +712,7 @@ def test_cli_export_unquantized(tiny_hf_dir, tmp_path):
     loaded, tok = dms.load_exported(out)
     assert tok is not None and len(tok) <= 128
     assert dms.is_dms_model(loaded)
-    assert [m._dms.window_size for m in dms.dms_modules(loaded)] == [64, 64]  # the CLI default window
+    assert [m.dms_config.window_size for m in dms.dms_modules(loaded)] == [64, 64]  # the CLI default window
     ref_model, ref_tok = dms.load_model(model_dir)
     assert tok("def wrap(text):")["input_ids"] == ref_tok("def wrap(text):")["input_ids"]
     dms.apply_dms(ref_model, {"window_size": 64})
@@ -738,7 +739,7 @@ def test_cli_export_trained_adapters_fp8(quantize, tiny_hf_dir, tmp_path):
     assert quant["quant_algo"] == ("FP8" if quantize == "fp8" else None)
 
     # the same pipeline in Python
-    from modelopt_dms.training.data import build_token_sequences
+    from modelopt_dms.corpus import build_token_sequences
 
     ref_model, tok = dms.load_model(model_dir)
     dms.load_adapters(ref_model, tmp_path / "adapters")

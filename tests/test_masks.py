@@ -1,6 +1,6 @@
-"""DMS mask math (DESIGN.md §2) against naive float64 references written from the spec.
+"""DMS mask math (docs/design.md §2) against naive float64 references written from the spec.
 
-The references below deliberately do not call anything in ``modelopt_dms.masks``: they are plain
+The references below deliberately do not call anything in ``modelopt_dms.nn.masks``: they are plain
 Python loops over (batch, head, query, key) implementing the text of §2.
 """
 
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from modelopt_dms.decisions import logistic_noise, relaxed_decisions
-from modelopt_dms.masks import grouped_attention, hard_visibility, soft_eviction_bias
+from modelopt_dms.nn.decisions import logistic_noise, relaxed_decisions
+from modelopt_dms.nn.masks import grouped_attention, hard_visibility, soft_eviction_bias
 
 NEG_INF = float("-inf")
 

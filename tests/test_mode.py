@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 import modelopt_dms as dms
-from modelopt_dms.attention import DMSAttention
+from modelopt_dms.nn.attention import DMSAttention
 
 SUPPORTED = ["LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"]
 
@@ -81,7 +81,7 @@ def test_double_apply_raises_apply_mode_error_and_model_stays_usable(how):
             mto.apply_mode(model, [("dms", {"window_size": 8})])
     # the model is untouched and still usable
     assert mto.modelopt_state(model) == state_before
-    assert all(m._dms.window_size == 4 for m in dms.dms_modules(model))
+    assert all(m.dms_config.window_size == 4 for m in dms.dms_modules(model))
     with torch.no_grad():
         after = model(ids()).logits
     assert torch.equal(before, after)

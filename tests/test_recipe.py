@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 import modelopt_dms as dms
 from modelopt_dms.cli import main
-from modelopt_dms.recipe import Recipe, RecipeError, load_recipe
+from modelopt_dms.evaluation.config import load_eval_recipe
+from modelopt_dms.schema import RecipeError
+from modelopt_dms.training.recipe import load_train_recipe as load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny_test.yaml"
@@ -137,10 +139,14 @@ def test_missing_file_and_directory(tmp_path):
     assert issubclass(RecipeError, ValueError)
 
 
-def test_empty_file_gives_the_defaults(tmp_path):
-    recipe = load_recipe(_write(tmp_path, ""))
-    assert recipe == Recipe()
-    assert recipe.dms_config().window_size == 256
+def test_empty_file_or_missing_sections_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match="is empty"):
+        load_recipe(_write(tmp_path, ""))
+    with pytest.raises(RecipeError, match="no dms, train section"):
+        load_recipe(_write(tmp_path, {"model": {"name_or_path": "x"}}))
+    explicit = load_recipe(_write(tmp_path, "model:\ndms:\ntrain:\n"))  # empty sections = defaults
+    assert explicit.dms == dms.DMSConfig() and explicit.dms.window_size == 256
+    assert explicit.schedule.cr_end == explicit.dms.target_compression_ratio
 
 
 def test_cli_reports_a_bad_recipe_with_exit_code_2(tmp_path, capsys):
@@ -154,13 +160,16 @@ def test_cli_reports_a_bad_recipe_with_exit_code_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "*.yaml"))), ids=lambda p: Path(p).name)
 def test_committed_recipes_validate(path):
-    recipe = load_recipe(path)
-    if recipe.eval is not None:  # comparison recipes: they name committed adapters, train nothing
+    if Path(path).name.startswith("eval_"):  # comparison recipes: they name committed adapters
+        recipe = load_eval_recipe(path)
         assert all((RECIPES.parent / p).is_dir() for p in recipe.eval.adapters.values())
+        with pytest.raises(RecipeError, match="no dms, train section"):
+            load_recipe(path)
         return
-    cfg = recipe.dms_config()
+    recipe = load_recipe(path)
+    cfg = recipe.dms
     # the trainer anneals towards the ratio the DMS config documents
-    assert recipe.train.cr_end == pytest.approx(cfg.target_compression_ratio)
+    assert recipe.schedule.cr_end == pytest.approx(cfg.target_compression_ratio)
     assert recipe.train.anneal_steps <= recipe.train.steps
     assert cfg.window_size < recipe.data.seq_len
 
@@ -234,12 +243,10 @@ def test_run_tiny_recipe_end_to_end(tiny_workdir, capsys):
 
     adapters = run / "adapters"
     assert adapters.is_dir()
-    if not hasattr(dms, "load_adapters"):
-        pytest.skip("modelopt_dms.load_adapters is not available yet (adapter loading not implemented)")
     trained = load_file(run / "checkpoint" / "trainable.safetensors")
     loaded = dms.load_adapters(base, adapters)
     assert dms.is_dms_model(loaded)
-    assert dms.dms_modules(loaded)[0]._dms.window_size == recipe.dms_config().window_size
+    assert dms.dms_config(loaded).window_size == recipe.dms.window_size
     got = {n: p.detach() for n, p in loaded.named_parameters() if "dms_adapter" in n}
     assert set(got) == set(trained)
     for n, t in trained.items():

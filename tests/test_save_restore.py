@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import modelopt_dms as dms
-from modelopt_dms import adapters_io
+from modelopt_dms import fileio
+from modelopt_dms.export import adapters as adapters_io
 
 KINDS = ["adapter", "borrowed_neuron"]
 WINDOW = 3
@@ -231,7 +232,7 @@ def test_save_failure_leaves_no_artifact(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters_io, "save_file", broken_save)
+    monkeypatch.setattr(fileio, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         dms.save_adapters(_trained("adapter"), tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
@@ -247,7 +248,7 @@ def test_save_failure_keeps_previous_artifact(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters_io, "save_file", broken_save)
+    monkeypatch.setattr(fileio, "save_file", broken_save)
     with pytest.raises(OSError):
         dms.save_adapters(_trained("adapter", seed=3), tmp_path / "a")
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Retrofit training (DESIGN.md §2, "Training relaxation" and "Distillation").
+"""Retrofit training (docs/design.md §2, "Training relaxation" and "Distillation").
 
 * loss pieces against independent float64 computations;
 * the trainer on a tiny random model: eviction follows the schedule, KL stays bounded, only the
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from train_worker import adapter_state, build
 
 import modelopt_dms as dms
-from modelopt_dms.decisions import logistic_noise
+from modelopt_dms.nn.decisions import logistic_noise
 from modelopt_dms.training import trainer as trainer_mod
 from modelopt_dms.training.losses import (
     compression_loss,

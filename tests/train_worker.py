@@ -4,7 +4,7 @@ Builds ``tiny_model("llama", seed=0)`` with DMS (window 4), a fixed set of rando
 and runs :func:`modelopt_dms.training.trainer.train` into ``--out``. At the end rank 0 writes the
 final adapter weights (every parameter whose name contains ``dms_adapter``) to ``--final`` with
 safetensors. Launched by ``torch.distributed.run`` (``WORLD_SIZE > 1``) it joins a gloo group first,
-as ``modelopt_dms.cli.run_recipe`` does.
+as ``modelopt_dms.pipelines.train.run_recipe`` does.
 
 ``--sleep`` slows every step down (so that a test can SIGKILL the run between checkpoints); it does
 not change any number the run computes.

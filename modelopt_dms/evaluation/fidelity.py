@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import DMSCache, cache_stats
-from ..control import eviction_disabled
+from ..model_dms import eviction_disabled
+from .metrics import kl_per_token, perplexity, top1_agreement
 
-__all__ = ["FidelityResult", "fidelity_on_text", "kl_per_token", "teacher_forced_match"]
+__all__ = ["FidelityResult", "fidelity_on_text"]
 
 
 @dataclass
@@ -32,22 +32,6 @@ class FidelityResult:
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
         return asdict(self)
-
-
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) in nats at every position, ``(..., T)``, computed in float32."""
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1)
-
-
-def teacher_forced_match(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
-    """Fraction of positions where both models' greedy (argmax) next tokens agree."""
-    return float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float().mean())
-
-
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]))
 
 
 @torch.inference_mode()
@@ -96,8 +80,8 @@ def fidelity_on_text(
         kv_bytes_dense=int(stats["kv_bytes_dense"]),
         kl_per_token=float(kl.mean()),
         kl_per_token_after_window=float(after.mean()),
-        ppl_teacher=float(torch.exp(torch.tensor(_nll(teacher, ids)))),
-        ppl_student=float(torch.exp(torch.tensor(_nll(student, ids)))),
-        token_match=teacher_forced_match(teacher_cont, student_cont),
+        ppl_teacher=perplexity(teacher[0, :-1], ids[0, 1:]),
+        ppl_student=perplexity(student[0, :-1], ids[0, 1:]),
+        token_match=top1_agreement(teacher_cont, student_cont),
         generated_tokens=int(cont.shape[1]),
     )

@@ -8,7 +8,6 @@ round that fits (the first round always runs).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import random
@@ -20,7 +19,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..recipe import EvalSection
+from ..corpus import DEFAULT_CACHE_DIR, build_token_sequences, split_token_stream
+from ..export.adapters import load_adapters
+from ..fileio import atomic_write_json
+from ..loading import load_model
+from ..model_dms import quantize_fp8
+from .config import EvalConfig
 from .methods import DenseMethod, DMSMethod, PressMethod
 from .metrics import mean_kl, needle_recall, perplexity, top1_agreement
 from .tasks import EvalSample, make_fidelity_sample, make_multi_turn_sample, make_needle_sample
@@ -28,23 +32,21 @@ from .tasks import EvalSample, make_fidelity_sample, make_multi_turn_sample, mak
 __all__ = ["build_methods", "evaluate_sample", "run_comparison", "save_results", "task_cells"]
 
 
-def build_methods(base, tokenizer, cfg: EvalSection, calib: list[torch.Tensor] | None = None) -> list:
+def build_methods(base, tokenizer, cfg: EvalConfig, calib: list[torch.Tensor] | None = None) -> list:
     """Uncompressed, then DMS (and DMS+FP8 KV) per adapters label, then every press at every budget.
 
     ``base`` stays unmodified (presses hook it); DMS models are copies.
     """
-    import modelopt_dms as dms
-
     methods: list = [DenseMethod(base, tokenizer)]
     for label, path in cfg.adapters.items():
-        model = dms.load_adapters(copy.deepcopy(base), path)
+        model = load_adapters(copy.deepcopy(base), path)
         model.eval()
         methods.append(DMSMethod(model, tokenizer, f"dms@{label}", label))
         if label in cfg.fp8_kv:
             if not calib:
                 raise ValueError("DMS + FP8 KV needs calibration batches")
-            q = dms.load_adapters(copy.deepcopy(base), path)
-            dms.quantize_fp8(q, calib, weights=False, kv_cache=True)
+            q = load_adapters(copy.deepcopy(base), path)
+            quantize_fp8(q, calib, weights=False, kv_cache=True)
             q.eval()
             methods.append(DMSMethod(q, tokenizer, f"dms+fp8kv@{label}", label))
     for label, cr in cfg.budgets.items():
@@ -53,7 +55,7 @@ def build_methods(base, tokenizer, cfg: EvalSection, calib: list[torch.Tensor] |
     return methods
 
 
-def task_cells(cfg: EvalSection) -> list[tuple[str, int]]:
+def task_cells(cfg: EvalConfig) -> list[tuple[str, int]]:
     """``(task, context_tokens)`` cells; one sample of each per round.
 
     Needle depths are cycled over rounds (round ``r`` uses ``needle_depths[r % n]``), so ``n``
@@ -66,7 +68,7 @@ def task_cells(cfg: EvalSection) -> list[tuple[str, int]]:
     return cells
 
 
-def _make_sample(cell, rnd: int, tokenizer, stream: list[int], windows: dict, cfg: EvalSection) -> EvalSample:
+def _make_sample(cell, rnd: int, tokenizer, stream: list[int], windows: dict, cfg: EvalConfig) -> EvalSample:
     task, ctx = cell
     seed = random.Random(f"{cfg.seed}/{task}/{ctx}/{rnd}").randrange(2**31)
     if task == "fidelity":
@@ -129,7 +131,7 @@ def evaluate_sample(
 
 
 def run_comparison(
-    cfg: EvalSection,
+    cfg: EvalConfig,
     model_name: str = "smollm2-135m",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -139,9 +141,6 @@ def run_comparison(
     Returns (and the caller writes) ``{"meta": ..., "records": [...]}``; see
     :mod:`modelopt_dms.evaluation.report` for the tables and plots.
     """
-    from ..loading import load_model
-    from ..training.data import build_token_sequences, split_token_stream
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.time()
@@ -157,7 +156,7 @@ def run_comparison(
             cfg.heldout_fraction,
             cfg.seed,
             max_sequences=cfg.rounds,
-            cache_dir=".cache/modelopt_dms/data",
+            cache_dir=DEFAULT_CACHE_DIR,
         )
         for c in cfg.fidelity_contexts
     }
@@ -171,7 +170,7 @@ def run_comparison(
             cfg.heldout_fraction,
             cfg.seed,
             max_sequences=cfg.calib_sequences,
-            cache_dir=".cache/modelopt_dms/data",
+            cache_dir=DEFAULT_CACHE_DIR,
         )
         calib = [row.unsqueeze(0) for row in calib_rows]
     methods = build_methods(base, tok, cfg, calib)
@@ -214,10 +213,6 @@ def run_comparison(
 
 def save_results(results: dict, out_dir: str) -> str:
     """Write ``results.json`` atomically into ``out_dir``; returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, results, indent=1)
     return path

@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from ..cache import DMSCache, cache_stats
+from .config import PRESS_NAMES
 
-__all__ = ["PRESS_NAMES", "DenseMethod", "DMSMethod", "PressMethod", "RunResult", "make_press"]
-
-PRESS_NAMES = ("streaming_llm", "snapkv", "tova", "knorm", "expected_attention", "keydiff", "dms_press")
+__all__ = ["DenseMethod", "DMSMethod", "PressMethod", "RunResult", "make_press"]
 
 
 @dataclass

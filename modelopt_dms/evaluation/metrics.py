@@ -1,4 +1,8 @@
-"""Per-sample metrics of the comparison harness (pure functions of logits, ids and text)."""
+"""The metrics every evaluation reports (demo, heads evaluation, kvpress comparison).
+
+Pure functions of logits, ids and text. KL is :mod:`modelopt_dms.nn.divergence` (the same code as
+the training loss); retrieval answers are scored by :func:`needle_recall` only.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mean_kl", "needle_recall", "perplexity", "top1_agreement"]
+from ..nn.divergence import kl_per_token, mean_kl
 
-
-def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over positions of KL(reference ‖ method) in nats, ``(..., T, V)`` logits, float32 math."""
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"logit shapes differ: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
-    log_r = F.log_softmax(reference_logits.float(), dim=-1)
-    log_m = F.log_softmax(logits.float(), dim=-1)
-    return float((log_r.exp() * (log_r - log_m)).sum(-1).mean())
+__all__ = ["kl_per_token", "mean_kl", "needle_recall", "perplexity", "top1_agreement"]
 
 
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:

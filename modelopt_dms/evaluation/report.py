@@ -6,6 +6,8 @@ import os
 from collections import defaultdict
 from statistics import mean
 
+from ..fileio import atomic_write_json, atomic_write_text
+
 __all__ = ["goal_checks", "render_markdown", "summarize", "update_readme", "write_report"]
 
 TASK_TITLES = {
@@ -184,18 +186,16 @@ def plot_pareto(task: str, rows: list[dict], path: str) -> None:
 
 def write_report(results: dict, out_dir: str) -> dict[str, str]:
     """Write ``comparison.md``, ``summary.json`` and ``pareto_<task>.png`` into ``out_dir``."""
-    import json
-
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results["records"])
     paths = {"markdown": os.path.join(out_dir, "comparison.md")}
-    with open(paths["markdown"], "w") as f:
-        f.write(render_markdown(results))
+    atomic_write_text(paths["markdown"], render_markdown(results))
     paths["summary"] = os.path.join(out_dir, "summary.json")
-    with open(paths["summary"], "w") as f:
-        json.dump(
-            {"summary": summary, "goal_checks": goal_checks(summary), "meta": results["meta"]}, f, indent=1
-        )
+    atomic_write_json(
+        paths["summary"],
+        {"summary": summary, "goal_checks": goal_checks(summary), "meta": results["meta"]},
+        indent=1,
+    )
     for task, rows in summary.items():
         paths[f"pareto_{task}"] = os.path.join(out_dir, f"pareto_{task}.png")
         plot_pareto(task, rows, paths[f"pareto_{task}"])
@@ -213,7 +213,4 @@ def update_readme(readme: str, markdown: str, plots: list[str], block: str = "co
     _, post = rest.split(end, 1)
     images = "\n".join(f"![{os.path.basename(p)}]({p})" for p in plots)
     block = f"{start}\n{markdown}\n{images}\n{end}"
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(pre + block + post)
-    os.replace(tmp, readme)
+    atomic_write_text(readme, pre + block + post)

@@ -1,11 +1,12 @@
-"""Loss pieces of DMS retrofitting (DESIGN.md §2, "Distillation")."""
+"""Loss pieces of DMS retrofitting (docs/design.md §2, "Distillation")."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from ..nn.divergence import kl_per_token
 
 __all__ = ["compression_loss", "distillation_kl", "target_compression_ratio", "target_eviction_rate"]
 
@@ -36,8 +37,9 @@ def distillation_kl(
 ) -> torch.Tensor:
     """Mean per-token KL over the vocabulary, computed in float32 chunks of positions.
 
-    ``forward`` is KL(teacher ‖ student) = Σ p_t (log p_t − log p_s) (mass-covering; the metric we
-    report); ``reverse`` is KL(student ‖ teacher). ``valid`` (B, T) masks padding and separators.
+    ``forward`` is KL(teacher ‖ student) (mass-covering; the metric we report); ``reverse`` is
+    KL(student ‖ teacher); see :func:`modelopt_dms.nn.divergence.kl_per_token`. ``valid`` (B, T)
+    masks padding and separators.
     """
     bsz, seq, vocab = student_logits.shape
     s_flat = student_logits.reshape(-1, vocab)
@@ -50,13 +52,6 @@ def distillation_kl(
     total = s_flat.new_zeros((), dtype=torch.float32)
     for start in range(0, s_flat.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        log_s = F.log_softmax(s_flat[sl].float(), dim=-1)
-        log_t = F.log_softmax(t_flat[sl].float().detach(), dim=-1)
-        if direction == "forward":
-            kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-        elif direction == "reverse":
-            kl = (log_s.exp() * (log_s - log_t)).sum(-1)
-        else:
-            raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+        kl = kl_per_token(t_flat[sl].detach(), s_flat[sl], direction=direction)
         total = total + (kl * weights[sl]).sum()
     return total / weights.sum().clamp_min(1.0)

@@ -1,0 +1,317 @@
+"""Save and load only the DMS part of a model: the decision adapters and the DMS config.
+
+An adapter artifact is a directory with two files, written atomically:
+
+* ``dms_adapters.safetensors``: every parameter whose name contains ``dms_adapter`` (empty for the
+  ``borrowed_neuron`` decision kind, which adds no parameters);
+* ``dms_adapters.json``: the format version, the ``DMSConfig`` as the ``dms`` mode state holds it, the
+  converted layers, parameter names with shapes and dtypes, the model class and a SHA-256 of the
+  tensor file.
+
+No pickle is involved: the tensors are safetensors and everything else is JSON. The base weights are
+not written; load the artifact onto a model with the same base weights (e.g. the original checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import modelopt.torch.opt as mto
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .._version import __version__
+from ..config import DMSConfig
+from ..conversion import DMS_FORMAT_VERSION, is_dms_model
+from ..fileio import atomic_save_safetensors, atomic_write_json, fsync_dir, staging_dir
+from ..model_dms import dms_config, dms_modules
+from ..nn.attention import ADAPTER_ATTR
+
+__all__ = ["ADAPTERS_JSON", "ADAPTERS_SAFETENSORS", "load_adapters", "save_adapters"]
+
+ADAPTERS_SAFETENSORS = "dms_adapters.safetensors"
+ADAPTERS_JSON = "dms_adapters.json"
+_SAVE_HINT = "re-create it with modelopt_dms.save_adapters(model, path)"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _dms_state(model: nn.Module) -> dict[str, Any] | None:
+    """The ``dms`` entry (``{"config": ..., "metadata": ...}``) of the model's modelopt state, or None."""
+    if not mto.ModeloptStateManager.is_converted(model):
+        return None
+    for name, state in mto.modelopt_state(model)["modelopt_state_dict"]:
+        if name == "dms":
+            return state
+    return None
+
+
+def _current_config(model: nn.Module) -> dict[str, Any]:
+    """The DMS config dict of the top-level DMS model (the one the mode was applied to)."""
+    if _dms_state(model) is None:
+        raise ValueError(
+            f"{type(model).__name__} has DMS attention layers but no 'dms' mode in its modelopt state: "
+            "pass the model that mto.apply_mode / modelopt_dms.apply_dms was called on (the top-level "
+            "model, not a submodule)."
+        )
+    return dms_config(model).model_dump()
+
+
+def _dms_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if ADAPTER_ATTR in name.split(".")}
+
+
+def _layers(model: nn.Module) -> list[int]:
+    return [int(m.layer_idx) for m in dms_modules(model)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the DMS adapters and DMS config of ``model`` into the directory ``path``.
+
+    The directory gets ``dms_adapters.safetensors`` and ``dms_adapters.json`` (other files in it are
+    left alone). Both are first written to a temporary directory next to ``path`` and then moved in
+    with ``os.replace``, so an interrupted save never leaves a half-written file; the JSON, moved
+    last, records the SHA-256 of the tensor file, so a tensor file from another save is detected.
+
+    Args:
+        model: the top-level model the ``dms`` mode was applied to.
+        path: target directory (created if missing).
+
+    Returns:
+        The directory as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: the model has no DMS, its DMS parameters are not materialised, or ``path`` is a file.
+
+    """
+    if not is_dms_model(model):
+        raise ValueError(
+            f"{type(model).__name__} has no DMS attention: apply the 'dms' mode first "
+            "(modelopt_dms.apply_dms(model, config)), train it, then save its adapters."
+        )
+    config = _current_config(model)
+    params = _dms_params(model)
+    meta_params = [name for name, p in params.items() if p.device.type == "meta"]
+    if meta_params:
+        raise ValueError(
+            f"DMS parameter {meta_params[0]} is on the meta device (not materialised); load or "
+            "initialise the model's weights before saving its adapters."
+        )
+    tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in params.items()}
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; save_adapters writes a directory.")
+    header = {"format": "pt", "dms_format_version": str(DMS_FORMAT_VERSION)}
+    if not path.exists():  # one atomic step: the directory appears complete or not at all
+        tmp = staging_dir(path)
+        try:
+            _write_artifact(tmp, model, config, tensors, header)
+            os.rename(tmp, path)
+            fsync_dir(path.parent)
+            return path
+        except OSError:
+            if not path.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # The directory exists (and may hold other files): replace our two files, JSON last.
+    _write_artifact(path, model, config, tensors, header)
+    return path
+
+
+def _write_artifact(
+    folder: Path, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], header: dict[str, str]
+) -> None:
+    st_file = atomic_save_safetensors(tensors, folder / ADAPTERS_SAFETENSORS, metadata=header)
+    record = {
+        "format_version": DMS_FORMAT_VERSION,
+        "library": "modelopt_dms",
+        "library_version": __version__,
+        "model_class": type(model).__name__,
+        "dms_config": config,
+        "dms_layers": _layers(model),
+        "params": {name: list(t.shape) for name, t in tensors.items()},
+        "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in tensors.items()},
+        "safetensors_sha256": _sha256(st_file),
+    }
+    atomic_write_json(folder / ADAPTERS_JSON, record)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _read_artifact(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and validate both files; every problem becomes a ValueError with the fix."""
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise ValueError(f"DMS adapter directory {path} {what}; {_SAVE_HINT}.")
+    json_file, st_file = path / ADAPTERS_JSON, path / ADAPTERS_SAFETENSORS
+    for f in (json_file, st_file):
+        if not f.is_file():
+            raise ValueError(f"DMS adapter file {f.name} is missing from {path}; {_SAVE_HINT}.")
+    try:
+        record = json.loads(json_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_file} is not valid JSON ({err}); {_SAVE_HINT}.") from err
+    if not isinstance(record, dict) or "format_version" not in record:
+        raise ValueError(
+            f"{json_file} has no 'format_version'; it is not a DMS adapter record ({_SAVE_HINT})."
+        )
+    version = record["format_version"]
+    if version != DMS_FORMAT_VERSION:
+        raise ValueError(
+            f"{json_file} has DMS format version {version!r}, but this modelopt-dms reads format version "
+            f"{DMS_FORMAT_VERSION}; load it with the modelopt-dms release that wrote it, or {_SAVE_HINT} "
+            "with this release."
+        )
+    required = {"dms_config": dict, "dms_layers": list, "params": dict, "safetensors_sha256": str}
+    for key, kind in required.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(
+                f"{json_file} is malformed: '{key}' is missing or not a {kind.__name__}; {_SAVE_HINT}."
+            )
+    if _sha256(st_file) != record["safetensors_sha256"]:
+        raise ValueError(
+            f"{st_file} does not match {json_file} (SHA-256 differs): the files come from different saves "
+            f"or the tensor file is damaged; {_SAVE_HINT}."
+        )
+    try:
+        tensors = load_file(str(st_file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{st_file} is not a readable safetensors file ({err}); {_SAVE_HINT}.") from err
+    listed = record["params"]
+    if set(tensors) != set(listed) or any(list(tensors[n].shape) != list(listed[n]) for n in listed):
+        raise ValueError(
+            f"{st_file} and {json_file} disagree on the saved parameters or their shapes; {_SAVE_HINT}."
+        )
+    return record, tensors
+
+
+def _normalise_config(raw: dict[str, Any], where: Path) -> dict[str, Any]:
+    try:
+        return DMSConfig(**raw).model_dump()
+    except (ValidationError, TypeError) as err:
+        raise ValueError(
+            f"The DMS config saved in {where} is not valid for this modelopt-dms ({err}); {_SAVE_HINT}."
+        ) from err
+
+
+def _check_against(
+    model: nn.Module, record: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path
+) -> None:
+    """Refuse unless ``model``'s DMS layers and parameters match the artifact exactly."""
+    layers = _layers(model)
+    if layers != list(record["dms_layers"]):
+        raise ValueError(
+            f"The adapters in {where} were saved for DMS layers {record['dms_layers']}, but this model has "
+            f"DMS on layers {layers}: they belong to a different architecture or DMSConfig.layers. Load them "
+            f"onto a {record.get('model_class', 'model')} with the same number of layers."
+        )
+    params = _dms_params(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(
+            f"DMS parameter {missing[0]} (and {len(missing) - 1} more) of the model is missing from {where}: "
+            f"the adapters were saved from a different model (saved: {record.get('model_class')}, this: "
+            f"{type(model).__name__}). Load adapters saved from the same architecture."
+        )
+    if unexpected:
+        raise ValueError(
+            f"{where} holds DMS parameter {unexpected[0]} (and {len(unexpected) - 1} more) that this model "
+            f"does not have (saved: {record.get('model_class')}, this: {type(model).__name__}). Load "
+            "adapters saved from the same architecture."
+        )
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise ValueError(
+                f"Shape mismatch for DMS parameter {name}: saved {tuple(tensors[name].shape)}, model "
+                f"{tuple(p.shape)}. The adapters in {where} were trained for a different architecture "
+                "(hidden size or number of KV heads); load them onto the model they were trained on."
+            )
+
+
+def _meta_copy(model: nn.Module) -> nn.Module | None:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # exotic module that cannot be copied: fall back to checking after conversion
+        return None
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load DMS adapters written by :func:`save_adapters` into ``model`` and return it.
+
+    If ``model`` has no DMS yet, the ``dms`` mode is applied with the saved config
+    (``mto.apply_mode(model, [("dms", config)])``); if it already has DMS, its config must equal the
+    saved one. The compatibility checks run before the model is modified (on a meta-device copy), so a
+    refused load leaves the model as it was. Tensors are cast to the dtype of the model's parameters.
+
+    Raises:
+        ValueError: missing or malformed files, a different format version, a config that differs from
+            the model's DMS config, or parameters that are missing, unexpected or of another shape. The
+            message names the problem and the fix.
+
+    """
+    where = Path(path)
+    record, tensors = _read_artifact(where)
+    saved_config = _normalise_config(record["dms_config"], where)
+    saved_class = record.get("model_class")
+    if saved_class and saved_class != type(model).__name__:
+        warnings.warn(
+            f"The adapters in {where} were saved from a {saved_class}, not a {type(model).__name__}; they "
+            "load if the shapes match, but were trained for other base weights.",
+            stacklevel=2,
+        )
+
+    if is_dms_model(model):
+        current = _current_config(model)
+        diffs = {k: (v, current.get(k)) for k, v in saved_config.items() if v != current.get(k)}
+        if diffs:
+            text = ", ".join(f"{k}: saved {s!r} vs model {c!r}" for k, (s, c) in sorted(diffs.items()))
+            raise ValueError(
+                f"The model already has DMS with a different config than the adapters in {where} ({text}). "
+                "Load the adapters onto a model without DMS (load_adapters applies the saved config), or "
+                "convert it with the saved config first."
+            )
+    else:
+        shadow = _meta_copy(model)
+        if shadow is not None:
+            try:
+                mto.apply_mode(shadow, [("dms", saved_config)])
+            except Exception as err:
+                raise ValueError(
+                    f"Cannot apply DMS with the config saved in {where} to {type(model).__name__}: {err}"
+                ) from err
+            _check_against(shadow, record, tensors, where)
+            del shadow
+        mto.apply_mode(model, [("dms", saved_config)])
+
+    _check_against(model, record, tensors, where)
+    params = _dms_params(model)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+    return model

@@ -1,0 +1,152 @@
+"""DMS attention masks and the masked dense attention they feed (docs/design.md §2).
+
+Shapes: decisions and logits are ``(batch, kv_heads, positions)``; masks and biases are
+``(batch, kv_heads, queries, keys)`` and are shared by the query heads of a GQA group.
+Key ``k`` is governed by the decision emitted at position ``k + 1``; the newest key is pending.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "diagonal_validity",
+    "hard_visibility",
+    "soft_eviction_bias",
+    "grouped_attention",
+]
+
+
+def _shifted(x: torch.Tensor, fill: float | bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[..., k] = x[..., next(k)]`` with ``next(k)`` the next real position after ``k``.
+
+    Without ``valid`` every position is real (``next(k) = k + 1``). Keys without a later real
+    token (the pending newest one) get ``fill``. ``valid`` is ``(B, T)``, ``x`` is ``(B, H, T)``.
+    """
+    if valid is None:
+        pad = torch.full_like(x[..., :1], fill)
+        return torch.cat([x[..., 1:], pad], dim=-1)
+    bsz, num = valid.shape
+    idx = torch.arange(num, device=valid.device).expand(bsz, num)
+    cand = torch.where(valid, idx, num)
+    later = torch.cat([cand[:, 1:], torch.full_like(cand[:, :1], num)], dim=-1)
+    nxt = later.flip(-1).cummin(-1).values.flip(-1)  # smallest real index > k, or num
+    gathered = torch.gather(x, -1, nxt.clamp(max=num - 1)[:, None, :].expand_as(x))
+    return torch.where((nxt < num)[:, None, :], gathered, torch.full_like(gathered, fill))
+
+
+def _row_offsets(
+    num_keys: int, q_index: torch.Tensor, valid: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(q - k)`` counted in real tokens, ``(B or 1, Tq, Tk)``, and the key validity ``(B, 1, Tk)``.
+
+    ``q_index`` are the queries' indices into the key axis. Padding never counts as a token.
+    """
+    if valid is None:
+        k_pos = torch.arange(num_keys, device=device)
+        return (q_index[:, None] - k_pos[None, :])[None], None
+    real_pos = valid.long().cumsum(-1) - 1  # (B, Tk)
+    diff = real_pos[:, q_index, None] - real_pos[:, None, :]
+    causal = q_index[:, None] >= torch.arange(num_keys, device=device)[None, :]
+    diff = torch.where(causal[None] & valid[:, None, :], diff, torch.full_like(diff, -1))
+    return diff, valid[:, None, :]
+
+
+def hard_visibility(
+    decisions: torch.Tensor,
+    window_size: int,
+    q_positions: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inference mask: key ``k`` visible to query ``q`` iff ``k <= q``, real, and not evicted.
+
+    Args:
+        decisions: ``(B, H, Tk)`` boolean decisions ``d_t`` of every key position ``t``.
+        window_size: ``w``; a flagged key stays visible while ``q - k <= w``.
+        q_positions: indices of the queries on the key axis (default: all keys are queries).
+        valid: optional ``(B, Tk)`` real-token mask. Padding (anywhere, e.g. between turns) is
+            invisible, does not count towards the window, and a key is governed by the decision
+            of the next *real* token.
+
+    Returns:
+        ``(B, H, Tq, Tk)`` boolean mask (True = visible).
+
+    """
+    num_keys = decisions.shape[-1]
+    if q_positions is None:
+        q_positions = torch.arange(num_keys, device=decisions.device)
+    diff, _ = _row_offsets(num_keys, q_positions, valid, decisions.device)  # (B|1, Tq, Tk)
+    flagged = _shifted(decisions.bool(), False, valid)[..., None, :]
+    return (diff[:, None] >= 0) & ~(flagged & (diff[:, None] > window_size))
+
+
+def soft_eviction_bias(z: torch.Tensor, window_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Training bias added to the scaled scores (full sequence, no past).
+
+    ``-inf`` on non-causal (and padding) keys, ``0`` inside the window (``q - k <= w``), and
+    ``log(1 - sigmoid(z_{k+1}))`` beyond it. ``z`` is ``(B, H, T)``; returns ``(B, H, T, T)``.
+    With ``valid`` (``(B, T)``), distances and the shift count real tokens only.
+    """
+    num = z.shape[-1]
+    diff, _ = _row_offsets(num, torch.arange(num, device=z.device), valid, z.device)
+    diff = diff[:, None]  # (B|1, 1, T, T)
+    log_keep = F.logsigmoid(-_shifted(z, float("-inf"), valid))[..., None, :]  # pending: log(1) = 0
+    bias = torch.where(diff > window_size, log_keep, torch.zeros_like(log_keep))
+    return bias.masked_fill(diff < 0, float("-inf"))
+
+
+def grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager GQA attention with a per-KV-head mask and/or bias shared across each group.
+
+    Args:
+        query: ``(B, Hq, Tq, D)``; key, value: ``(B, Hkv, Tk, D)``.
+        mask: boolean, broadcastable to ``(B, Hkv, Tq, Tk)``; True = visible.
+        bias: float, broadcastable to ``(B, Hkv, Tq, Tk)``; added to the scaled scores.
+
+    Returns:
+        ``(B, Tq, Hq, D)`` (the layout attention modules reshape into ``o_proj``). Query rows that
+        see no key return zeros.
+
+    """
+    bsz, num_q_heads, q_len, head_dim = query.shape
+    num_kv = key.shape[1]
+    group = num_q_heads // num_kv
+    q = query.view(bsz, num_kv, group, q_len, head_dim)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)).to(acc) * scaling
+    if bias is not None:
+        scores = scores + bias.to(acc).unsqueeze(2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    empty = torch.isinf(row_max) & (row_max < 0)
+    scores = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0).to(value.dtype)
+    out = torch.matmul(probs, value.unsqueeze(2))  # (B, Hkv, G, Tq, D)
+    return out.reshape(bsz, num_q_heads, q_len, head_dim).transpose(1, 2)
+
+
+def diagonal_validity(mask: torch.Tensor | None, q_len: int, past: int, bsz: int) -> torch.Tensor | None:
+    """Which of the ``q_len`` new tokens are real, read off the model's 4D mask.
+
+    A real token always sees itself, so its diagonal entry is visible; a padding query sees
+    nothing. Works with padding anywhere and with sliding-window masks. ``None`` if no mask.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -q_len:].bool()
+    rows = mask[:, 0, -q_len:, :]
+    idx = torch.arange(q_len, device=mask.device)
+    diag = rows[:, idx, past + idx]
+    if diag.dtype != torch.bool:
+        diag = diag > torch.finfo(diag.dtype).min / 2
+    return diag.expand(bsz, q_len)

@@ -1,0 +1,103 @@
+"""Training recipes: one validated YAML file that says how to retrofit, train, quantize and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import DMSConfig
+from ..corpus import DEFAULT_CACHE_DIR, DEFAULT_HELDOUT_FRACTION, PYTHON_DOCS_GLOB
+from ..schema import ModelSection, Section, load_yaml_recipe
+from .config import TrainConfig
+
+__all__ = [
+    "DataSection",
+    "ExportSection",
+    "OutputSection",
+    "QuantizeSection",
+    "TrainRecipe",
+    "load_train_recipe",
+]
+
+
+class DataSection(Section):
+    """Real text, tokenised into single-document sequences (cached on disk).
+
+    ``chat_fraction`` / ``recall_fraction`` of the rows become chat-formatted continuation /
+    recall conversations (instruct models; see ``training.chat_data``).
+    """
+
+    text_glob: str = PYTHON_DOCS_GLOB
+    seq_len: int = Field(256, ge=8, le=65536)
+    heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, gt=0.0, lt=1.0)
+    max_sequences: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    cache_dir: str = DEFAULT_CACHE_DIR
+    chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    recall_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataSection:
+        if self.chat_fraction + self.recall_fraction > 1.0:
+            raise ValueError(
+                f"chat_fraction ({self.chat_fraction}) + recall_fraction ({self.recall_fraction}) "
+                "must be at most 1"
+            )
+        return self
+
+
+class QuantizeSection(Section):
+    """FP8 post-training quantization after DMS (weights+inputs and/or KV cache)."""
+
+    weights: Literal["fp8", "none"] = "fp8"
+    kv_cache: Literal["fp8", "none"] = "fp8"
+    calib_sequences: int = Field(16, ge=1, le=4096)
+
+
+class ExportSection(Section):
+    """Deployable outputs written at the end of a run."""
+
+    hf_dir: str | None = None
+    onnx_path: str | None = None
+    overwrite: bool = False
+
+
+class OutputSection(Section):
+    """Where the run writes its checkpoint, log and adapters."""
+
+    dir: str = "runs/dms"
+    adapters_dir: str | None = None
+
+    @property
+    def adapters_path(self) -> Path:
+        """The adapters folder: ``adapters_dir``, else ``<dir>/adapters``."""
+        return Path(self.adapters_dir) if self.adapters_dir else Path(self.dir) / "adapters"
+
+
+class TrainRecipe(Section):
+    """A complete DMS retrofit recipe (``modelopt-dms run``)."""
+
+    model: ModelSection = ModelSection()
+    dms: DMSConfig = DMSConfig()
+    data: DataSection = DataSection()
+    train: TrainConfig = TrainConfig()
+    quantize: QuantizeSection | None = None
+    export: ExportSection | None = None
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _check_target(self) -> TrainRecipe:
+        self.train.with_target(self.dms.target_compression_ratio)  # raises if below cr_start
+        return self
+
+    @property
+    def schedule(self) -> TrainConfig:
+        """``train`` with ``cr_end`` defaulting to ``dms.target_compression_ratio``."""
+        return self.train.with_target(self.dms.target_compression_ratio)
+
+
+def load_train_recipe(path: str | Path) -> TrainRecipe:
+    """Read and validate a training recipe; errors name each bad key path (``dms.window_size``)."""
+    return load_yaml_recipe(path, TrainRecipe, required=("model", "dms", "train"), kind="training")
