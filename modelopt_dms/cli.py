@@ -1,6 +1,8 @@
 """The ``modelopt-dms`` command: demo, run (train a recipe), export, eval.
 
-This module only parses arguments; the jobs live in :mod:`modelopt_dms.pipelines`.
+This module only parses arguments; the jobs live in :mod:`modelopt_dms.pipelines`. Every
+subcommand reports bad input (recipes, paths, destinations, configs) the same way: one message
+naming the problem and the fix on stderr, exit code 2, no traceback unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -8,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from modelopt.torch.opt.conversion import ApplyModeError
+
 from .corpus import PYTHON_DOCS_GLOB
 from .pipelines.compare import run_eval
 from .pipelines.demo import DEFAULT_ADAPTERS, DemoOptions, run_demo
 from .pipelines.export import export_model
 from .pipelines.train import run_recipe
-from .schema import RecipeError
+from .training.trainer import TrainingDivergedError
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelopt-dms",
         description="Dynamic Memory Sparsification (learned KV-cache eviction) for Hugging Face decoders.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="DMS on the embedded SmolLM2-135M with the committed trained heads")
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a training recipe end to end (retrofit, train, save, export)")
     run.add_argument("recipe", help="path to a training recipe YAML file (see recipes/)")
+    run.add_argument("--restart", action="store_true", help="start over in an output.dir holding another run")
     run.add_argument("--no-progress", action="store_true")
 
     exp = sub.add_parser("export", help="export a DMS model (optionally FP8) as a deployable checkpoint")
@@ -75,7 +81,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         opts = DemoOptions(args.model, adapters, args.window, args.context, args.new_tokens, args.json)
         run_demo(opts, _log)
     elif args.command == "run":
-        run_recipe(args.recipe, progress=not args.no_progress, log=_log)
+        run_recipe(args.recipe, progress=not args.no_progress, log=_log, restart=args.restart)
     elif args.command == "export":
         export_model(
             args.model, args.out, adapters=args.adapters, window=args.window, quantize=args.quantize,
@@ -89,14 +95,25 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
 
 
+# Errors that mean "the input (recipe, path, config, destination) cannot be used as given".
+BAD_INPUT = (ValueError, OSError, ApplyModeError, TrainingDivergedError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``modelopt-dms`` command; returns the exit code."""
+    """Entry point of the ``modelopt-dms`` command; returns the exit code (2: bad input)."""
     args = build_parser().parse_args(argv)
     try:
         _dispatch(args)
-    except RecipeError as err:
-        print(str(err), file=sys.stderr)
+    except BAD_INPUT as err:
+        if args.debug:
+            raise
+        print(f"modelopt-dms {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"modelopt-dms {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

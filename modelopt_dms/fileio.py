@@ -14,9 +14,12 @@ other tool's output; ``tempfile.mkdtemp`` alone would leave folders at 0700.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +34,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "normalise_permissions",
     "publish_dir",
     "staging_dir",
     "umask_mode",
@@ -99,6 +103,15 @@ def atomic_save_safetensors(
     return _replace_atomically(Path(path), lambda tmp: save_file(dict(tensors), str(tmp), metadata=metadata))
 
 
+def normalise_permissions(folder: str | os.PathLike) -> None:
+    """Give everything below ``folder`` the umask permissions (some writers create 0600 files)."""
+    folder = Path(folder)
+    os.chmod(folder, umask_mode(0o777))
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, umask_mode(0o777 if path.is_dir() else 0o666))
+
+
 def staging_dir(target: str | os.PathLike) -> Path:
     """A new empty temp folder next to ``target`` (same file system, so publishing is a rename)."""
     target = Path(target)
@@ -108,16 +121,40 @@ def staging_dir(target: str | os.PathLike) -> Path:
     return tmp
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # this file system cannot exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def publish_dir(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Move the finished folder ``staged`` to ``target``, replacing what is there.
 
-    The previous ``target`` is renamed aside first and deleted only once the new folder is in
-    place; if the move fails, it is put back. Callers decide beforehand whether ``target`` may be
-    replaced at all.
+    Where the file system can (Linux), the two are swapped in one atomic step, so ``target`` is at
+    every moment either the previous folder or the new one; the previous one is deleted afterwards.
+    Elsewhere the previous ``target`` is renamed aside first (``.<name>.old.tmp-*``; a kill in
+    between is repaired by :func:`modelopt_dms.outputs.clean_leftovers`) and put back if the move
+    fails. Callers decide beforehand whether ``target`` may be replaced at all.
     """
     staged, target = Path(staged), Path(target)
     old = None
     if target.exists() or target.is_symlink():
+        if target.is_dir() and not target.is_symlink() and _exchange(staged, target):
+            fsync_dir(target.parent)
+            shutil.rmtree(staged, ignore_errors=True)  # now the previous folder
+            return target
         old = target.with_name(f".{target.name}.old{TEMP_MARK}{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     try:

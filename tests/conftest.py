@@ -107,3 +107,32 @@ def one_thread():
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def stdlib_texts() -> dict[str, str]:
+    """Real English/Python text available wherever Python is: stdlib sources (each > 2000 characters)."""
+    import glob
+    import inspect
+    import json
+    import textwrap
+
+    return {
+        "textwrap.txt": inspect.getsource(textwrap),
+        "glob.txt": inspect.getsource(glob),
+        "json_decoder.txt": inspect.getsource(json.decoder),
+    }
+
+
+def write_tiny_workspace(root, extra_texts: dict[str, str] | None = None):
+    """``root/text/*.txt`` (real text) and ``root/tiny_model`` (a 2-layer llama + a tokenizer trained on
+    the text, saved like any HF model). Returns ``(model_dir, text_glob)``."""
+    texts = {**stdlib_texts(), **(extra_texts or {})}
+    (root / "text").mkdir(exist_ok=True)
+    for name, text in texts.items():
+        (root / "text" / name).write_text(text)
+    tok = tiny_tokenizer(list(texts.values()))
+    model = tiny_model("llama")
+    assert len(tok) <= model.config.vocab_size
+    model.save_pretrained(root / "tiny_model")
+    tok.save_pretrained(root / "tiny_model")
+    return root / "tiny_model", str(root / "text" / "*.txt")

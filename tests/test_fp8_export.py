@@ -15,8 +15,6 @@ All models are tiny (2 layers) and their decision adapters are random, so tokens
 
 from __future__ import annotations
 
-import glob
-import inspect
 import json
 import os
 import textwrap
@@ -26,7 +24,7 @@ import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import pytest
 import torch
-from conftest import run_fresh_script, tiny_model, tiny_tokenizer
+from conftest import run_fresh_script, tiny_model, write_tiny_workspace
 from modelopt.torch.opt.conversion import ApplyModeError
 from modelopt.torch.quantization.nn import TensorQuantizer
 from safetensors.torch import load_file, save_file
@@ -537,26 +535,31 @@ def test_fresh_process_round_trip(fresh_results, family, case, atol):
 
 
 # ------------------------------------------------------------------------------------ 6. refusals
-def test_export_refuses_non_empty_directory_unless_overwrite(tmp_path):
+def test_export_never_replaces_a_users_folder_and_overwrites_only_its_own(tmp_path):
     target = tmp_path / "export"
     target.mkdir()
     (target / "user.txt").write_text("keep me")
     model = _dms_model("llama")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        dms.export_hf_checkpoint(model, target)
-    assert os.listdir(target) == ["user.txt"]
-    assert _siblings(target) == ["export"]
+    for overwrite in (False, True):  # a user's folder is refused even with overwrite=True
+        with pytest.raises(ValueError, match=r"not a hf_checkpoint folder written by modelopt-dms") as err:
+            dms.export_hf_checkpoint(model, target, overwrite=overwrite)
+        assert str(target) in str(err.value)
+        assert os.listdir(target) == ["user.txt"] and (target / "user.txt").read_text() == "keep me"
+        assert _siblings(target) == ["export"]
 
-    dms.export_hf_checkpoint(model, target, overwrite=True)
-    assert _siblings(target) == ["export"], "no .old-* / .tmp-* sibling may be left behind"
-    assert "user.txt" not in os.listdir(target) and (target / "config.json").is_file()
-    ids = _inputs()
-    _assert_same(_run(model, ids), _run(AutoModelForCausalLM.from_pretrained(target).eval(), ids))
-
+    mine = tmp_path / "mine"
+    dms.export_hf_checkpoint(model, mine)
+    with pytest.raises(FileExistsError, match="overwrite=True"):  # our own export: needs overwrite
+        dms.export_hf_checkpoint(model, mine)
     other = _dms_model("llama", seed=3)  # a second overwrite replaces the first export
-    dms.export_hf_checkpoint(other, target, overwrite=True)
-    assert _siblings(target) == ["export"]
-    _assert_same(_run(other, ids), _run(AutoModelForCausalLM.from_pretrained(target).eval(), ids))
+    dms.export_hf_checkpoint(other, mine, overwrite=True)
+    assert sorted(_siblings(mine)) == ["export", "mine"]
+    ids = _inputs()
+    _assert_same(_run(other, ids), _run(AutoModelForCausalLM.from_pretrained(mine).eval(), ids))
+    (mine / "notes.md").write_text("my notes")  # a user file added to an export makes it the user's
+    with pytest.raises(ValueError, match=r"holds files modelopt-dms did not write \(notes.md\)"):
+        dms.export_hf_checkpoint(model, mine, overwrite=True)
+    assert (mine / "notes.md").read_text() == "my notes"
 
 
 def test_export_into_existing_empty_directory(tmp_path):
@@ -566,16 +569,15 @@ def test_export_into_existing_empty_directory(tmp_path):
     assert _siblings(tmp_path / "export") == ["export"]
 
 
-def test_export_overwrite_replaces_a_file(tmp_path):
+def test_export_never_replaces_a_file(tmp_path):
     target = tmp_path / "export"
     target.write_text("not a folder")
     model = _dms_model("llama")
-    with pytest.raises(FileExistsError):
-        dms.export_hf_checkpoint(model, target)
-    assert target.read_text() == "not a folder"
-    dms.export_hf_checkpoint(model, target, overwrite=True)
-    assert target.is_dir() and (target / "config.json").is_file()
-    assert _siblings(target) == ["export"], "the replaced file must not be left behind as a sibling"
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="exists and is not a folder"):
+            dms.export_hf_checkpoint(model, target, overwrite=overwrite)
+        assert target.read_text() == "not a folder"
+    assert _siblings(target) == ["export"]
 
 
 def _broken_save_pretrained(self, save_directory, *args, **kwargs):
@@ -619,25 +621,41 @@ def test_failed_overwrite_keeps_previous_export(tmp_path, monkeypatch):
 
 
 def test_interrupted_publish_keeps_previous_export(tmp_path, monkeypatch):
-    """An interrupt between moving the old export aside and moving the new one in must not lose it."""
+    """Where the file system swaps folders atomically an interrupt leaves the previous export in
+    place; where it cannot, an interrupt between moving the old export aside and moving the new one
+    in is repaired by the next export into the same place (the old one is put back first)."""
     target = tmp_path / "export"
     first = _dms_model("llama", seed=0)
     dms.export_hf_checkpoint(first, target)
     before = {f.name: f.read_bytes() for f in target.iterdir()}
-    real_replace, calls = os.replace, []
 
-    def replace_then_interrupt(src, dst):
-        calls.append(dst)
-        if Path(dst) == target and fileio.TEMP_MARK in Path(src).name and ".old" not in Path(src).name:
-            raise KeyboardInterrupt("interrupted")  # the move of the new export into place
-        real_replace(src, dst)
+    def interrupt(a, b):
+        raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(fileio.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(fileio, "_exchange", interrupt)  # the atomic swap itself is interrupted
     with pytest.raises(KeyboardInterrupt):
         dms.export_hf_checkpoint(_dms_model("llama", seed=3), target, overwrite=True)
     monkeypatch.undo()
-    assert len(calls) >= 2  # the interrupt hit the move of the new export (a restore may follow)
-    assert _siblings(target) == ["export"], "the previous export must be back in place, nothing else left"
+    assert _siblings(target) == ["export"]
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        if Path(dst) == target:  # the process "dies" once the previous export was moved aside:
+            raise SystemExit("killed")  # neither the new one nor the restore reaches the target
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)  # a file system without exchange
+    monkeypatch.setattr(fileio.os, "replace", replace_then_die)
+    with pytest.raises(SystemExit):
+        fileio.publish_dir(fileio.staging_dir(target), target)  # no except-restore for a kill
+    monkeypatch.undo()
+    assert not target.exists() and any(".old" in n for n in _siblings(target))
+    from modelopt_dms.outputs import clean_leftovers
+
+    clean_leftovers(target)  # what the next export does first, under the lock
+    assert _siblings(target) == ["export"]
     assert {f.name: f.read_bytes() for f in target.iterdir()} == before
 
 
@@ -680,28 +698,11 @@ def test_load_exported_refuses_non_exports(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 7. CLI
-def _texts() -> dict[str, str]:
-    """Real text available wherever Python is: stdlib sources."""
-    return {
-        "textwrap.txt": inspect.getsource(textwrap),
-        "glob.txt": inspect.getsource(glob),
-        "json_decoder.txt": inspect.getsource(json.decoder),
-    }
-
-
 @pytest.fixture
 def tiny_hf_dir(tmp_path, monkeypatch) -> tuple[Path, str]:
     """A local HF model directory (tiny llama + tiny tokenizer) and a glob of real text files."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # load_model sets it; restored afterwards
-    texts = _texts()
-    (tmp_path / "text").mkdir()
-    for name, text in texts.items():
-        (tmp_path / "text" / name).write_text(text)
-    tok = tiny_tokenizer(list(texts.values()))
-    assert len(tok) <= 128
-    tiny_model("llama").save_pretrained(tmp_path / "tiny_model")
-    tok.save_pretrained(tmp_path / "tiny_model")
-    return tmp_path / "tiny_model", str(tmp_path / "text" / "*.txt")
+    return write_tiny_workspace(tmp_path)
 
 
 def test_cli_export_unquantized(tiny_hf_dir, tmp_path):
@@ -718,9 +719,8 @@ def test_cli_export_unquantized(tiny_hf_dir, tmp_path):
     dms.apply_dms(ref_model, {"window_size": 64})
     ids = _inputs()
     _assert_same(_run(ref_model, ids), _run(loaded, ids))
-    # refuses to overwrite without --overwrite, overwrites with it
-    with pytest.raises(FileExistsError):
-        cli_main(["export", "--model", str(model_dir), "--out", str(out)])
+    # refuses to overwrite without --overwrite (exit code 2, one line), overwrites with it
+    assert cli_main(["export", "--model", str(model_dir), "--out", str(out)]) == 2
     assert cli_main(["export", "--model", str(model_dir), "--out", str(out), "--overwrite"]) == 0
     assert _siblings(out) == sorted(["cli_export", "text", "tiny_model"])
 

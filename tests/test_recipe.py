@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import copy
 import glob
-import inspect
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_model, tiny_tokenizer
+from conftest import write_tiny_workspace
 from safetensors.torch import load_file
 
 import modelopt_dms as dms
@@ -180,33 +178,15 @@ def test_tiny_recipe_is_committed():
 
 
 # ------------------------------------------------------------------------------ end to end
-def _real_texts() -> dict[str, str]:
-    """Real English/Python text available wherever Python is: stdlib sources and the Zen of Python."""
-    import this  # noqa: F401 - prints the Zen once; its text is ROT13 in this.s
-
-    zen = "".join(this.d.get(c, c) for c in this.s)
-    return {
-        "textwrap.txt": inspect.getsource(textwrap),
-        "glob.txt": inspect.getsource(glob),
-        "json_decoder.txt": inspect.getsource(json.decoder),
-        "zen.txt": zen,  # < 2000 characters: skipped by the data loader
-    }
-
-
 @pytest.fixture
 def tiny_workdir(tmp_path, monkeypatch):
     """A temp dir laid out as recipes/tiny_test.yaml expects, and made the working directory."""
+    import this  # noqa: F401 - prints the Zen once; its text is ROT13 in this.s
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # load_model sets it; restore afterwards
-    texts = _real_texts()
-    (tmp_path / "text").mkdir()
-    for name, text in texts.items():
-        (tmp_path / "text" / name).write_text(text)
-    assert len(texts["zen.txt"]) < 2000 < min(len(t) for n, t in texts.items() if n != "zen.txt")
-    tok = tiny_tokenizer(list(texts.values()))
-    model = tiny_model("llama")
-    assert len(tok) <= model.config.vocab_size
-    model.save_pretrained(tmp_path / "tiny_model")
-    tok.save_pretrained(tmp_path / "tiny_model")
+    zen = "".join(this.d.get(c, c) for c in this.s)
+    assert len(zen) < 2000  # skipped by the data loader
+    write_tiny_workspace(tmp_path, {"zen.txt": zen})
     recipe = tmp_path / "tiny_test.yaml"
     recipe.write_text(TINY.read_text())
     monkeypatch.chdir(tmp_path)

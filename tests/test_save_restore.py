@@ -258,8 +258,10 @@ def test_save_failure_keeps_previous_artifact(tmp_path, monkeypatch):
 
 
 def test_interrupted_replace_is_detected(tmp_path, monkeypatch):
-    """A crash between the two renames leaves new tensors with the old JSON: loading must refuse."""
+    """In a folder with other files the two files are replaced one by one: a crash between the two
+    renames leaves new tensors with the old JSON, and loading must refuse."""
     dms.save_adapters(_trained("adapter", seed=0), tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("user file")
     real_replace, calls = os.replace, []
 
     def replace_then_crash(src, dst):
@@ -276,6 +278,31 @@ def test_interrupted_replace_is_detected(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="SHA-256 differs"):
         dms.load_adapters(fresh, tmp_path / "a")
     assert not dms.is_dms_model(fresh)
+    assert (tmp_path / "a" / "notes.txt").read_text() == "user file"
+
+
+def test_interrupted_save_into_an_artifact_folder_keeps_the_previous_artifact(tmp_path, monkeypatch):
+    """A folder holding only an earlier artifact is swapped atomically: an interrupt anywhere leaves
+    the previous artifact, complete and loadable."""
+    ids = _inputs()
+    first = _trained("adapter", seed=0)
+    dms.save_adapters(first, tmp_path / "a")
+    for n_calls in (1, 2, 3):
+        real_replace, calls = os.replace, []
+
+        def replace_then_crash(src, dst, n_calls=n_calls, calls=calls, real_replace=real_replace):
+            calls.append(dst)
+            if len(calls) == n_calls:
+                raise KeyboardInterrupt("power cut")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace_then_crash)
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            dms.save_adapters(_trained("adapter", seed=1), tmp_path / "a")
+        monkeypatch.undo()
+        _assert_same(_run(first, ids), _run(dms.load_adapters(tiny_model("llama"), tmp_path / "a"), ids))
+        assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -33,11 +33,12 @@ from torch import nn
 from .._version import __version__
 from ..config import DMSConfig
 from ..conversion import DMS_FORMAT_VERSION, is_dms_model
-from ..fileio import atomic_save_safetensors, atomic_write_json, fsync_dir, staging_dir
+from ..fileio import atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
 from ..model_dms import dms_config, dms_modules
 from ..nn.attention import ADAPTER_ATTR
+from ..outputs import user_path
 
-__all__ = ["ADAPTERS_JSON", "ADAPTERS_SAFETENSORS", "load_adapters", "save_adapters"]
+__all__ = ["ADAPTERS_JSON", "ADAPTERS_SAFETENSORS", "check_adapters", "load_adapters", "save_adapters"]
 
 ADAPTERS_SAFETENSORS = "dms_adapters.safetensors"
 ADAPTERS_JSON = "dms_adapters.json"
@@ -87,9 +88,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the DMS adapters and DMS config of ``model`` into the directory ``path``.
 
     The directory gets ``dms_adapters.safetensors`` and ``dms_adapters.json`` (other files in it are
-    left alone). Both are first written to a temporary directory next to ``path`` and then moved in
-    with ``os.replace``, so an interrupted save never leaves a half-written file; the JSON, moved
-    last, records the SHA-256 of the tensor file, so a tensor file from another save is detected.
+    left alone). A new folder, or one holding only an earlier artifact, is written next to ``path``
+    and swapped in atomically; in a folder with other files the two files are replaced one by one,
+    JSON last, and the JSON records the SHA-256 of the tensor file, so a tensor file from another
+    save is detected. ``~`` in ``path`` is the home folder.
 
     Args:
         model: the top-level model the ``dms`` mode was applied to.
@@ -117,23 +119,21 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
         )
     tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in params.items()}
 
-    path = Path(path)
+    path = user_path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory; save_adapters writes a directory.")
     header = {"format": "pt", "dms_format_version": str(DMS_FORMAT_VERSION)}
-    if not path.exists():  # one atomic step: the directory appears complete or not at all
+    ours_only = not path.exists() or {p.name for p in path.iterdir()} <= {ADAPTERS_JSON, ADAPTERS_SAFETENSORS}
+    if ours_only:  # one atomic step: the folder is the previous artifact or the new one, never a mix
         tmp = staging_dir(path)
         try:
             _write_artifact(tmp, model, config, tensors, header)
-            os.rename(tmp, path)
-            fsync_dir(path.parent)
+            publish_dir(tmp, path)
             return path
-        except OSError:
-            if not path.is_dir():
-                raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    # The directory exists (and may hold other files): replace our two files, JSON last.
+    # The folder holds other files too: replace our two files, JSON last (a kill in between leaves
+    # a pair whose SHA-256 does not match, which load_adapters refuses with a message).
     _write_artifact(path, model, config, tensors, header)
     return path
 
@@ -175,7 +175,7 @@ def _read_artifact(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             f"{json_file} has no 'format_version'; it is not a DMS adapter record ({_SAVE_HINT})."
         )
     version = record["format_version"]
-    if version != DMS_FORMAT_VERSION:
+    if type(version) is not int or version != DMS_FORMAT_VERSION:
         raise ValueError(
             f"{json_file} has DMS format version {version!r}, but this modelopt-dms reads format version "
             f"{DMS_FORMAT_VERSION}; load it with the modelopt-dms release that wrote it, or {_SAVE_HINT} "
@@ -202,6 +202,17 @@ def _read_artifact(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             f"{st_file} and {json_file} disagree on the saved parameters or their shapes; {_SAVE_HINT}."
         )
     return record, tensors
+
+
+def check_adapters(path: str | os.PathLike) -> dict[str, Any]:
+    """Validate an adapters artifact without a model (cheap: call it before loading one).
+
+    Returns the artifact's record; raises ValueError naming the problem and the fix.
+    """
+    where = user_path(path)
+    record, _ = _read_artifact(where)
+    _normalise_config(record["dms_config"], where)
+    return record
 
 
 def _normalise_config(raw: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -275,7 +286,14 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             message names the problem and the fix.
 
     """
-    where = Path(path)
+    where = user_path(path)
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"{type(model).__name__} has parameters on the meta device ({meta}, ...): loading adapters "
+            "into it would do nothing. Materialise the model first (load its weights, or "
+            "model.to_empty(device=...) and load a state dict), then load the adapters."
+        )
     record, tensors = _read_artifact(where)
     saved_config = _normalise_config(record["dms_config"], where)
     saved_class = record.get("model_class")

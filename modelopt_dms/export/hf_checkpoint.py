@@ -25,10 +25,25 @@ import torch
 from torch import nn
 
 from ..config import DMS_BLOCK_KEY, DMSConfig
-from ..fileio import atomic_write_json, publish_dir, staging_dir
+from ..fileio import atomic_write_json, normalise_permissions, publish_dir, staging_dir
 from ..model_dms import dms_config, dms_modules, fp8_config
+from ..outputs import (
+    FolderLock,
+    check_free_space,
+    check_replaceable,
+    clean_leftovers,
+    ensure_writable_parent,
+    user_path,
+    write_marker,
+)
 
-__all__ = ["dms_config_block", "export_hf_checkpoint", "load_exported"]
+__all__ = [
+    "HF_EXPORT_KIND",
+    "check_export_target",
+    "dms_config_block",
+    "export_hf_checkpoint",
+    "load_exported",
+]
 
 
 def dms_config_block(model: nn.Module) -> dict[str, Any]:
@@ -46,13 +61,23 @@ def _is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
 
 
-def _prepare_target(export_dir: Path, overwrite: bool) -> None:
-    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
-        if not overwrite:
-            raise FileExistsError(
-                f"Export target {export_dir} exists and is not empty; pass overwrite=True "
-                "(CLI: --overwrite) or choose a new directory."
-            )
+HF_EXPORT_KIND = "hf_checkpoint"
+
+
+def check_export_target(export_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise unless ``export_dir`` can receive an export (cheap: call it before any heavy work).
+
+    Allowed: a new path, an empty folder, or (with ``overwrite``) a previous modelopt-dms export that
+    holds only the files the export wrote. A user's folder or file is never replaced.
+    """
+    export_dir = user_path(export_dir)
+    check_replaceable(export_dir, HF_EXPORT_KIND, overwrite, "Export target")
+    ensure_writable_parent(export_dir, "Export target")
+    return export_dir
+
+
+def _lock_for(export_dir: Path) -> FolderLock:
+    return FolderLock(export_dir.with_name(f".{export_dir.name}.lock"), f"export target {export_dir}")
 
 
 def export_hf_checkpoint(
@@ -64,37 +89,51 @@ def export_hf_checkpoint(
 ) -> Path:
     """Export a DMS model (optionally FP8-quantized) as a deployable Hugging Face checkpoint.
 
-    The model itself is not modified (the exporter works on a copy). The folder appears only
-    when complete: a failed export leaves nothing behind.
+    The model itself is not modified (the exporter works on a copy). The folder appears only when
+    complete (it is written next to the target and renamed into place); a failed or killed export
+    leaves the previous state, and the next export into the same place removes its leftovers.
+    ``overwrite`` replaces only a previous modelopt-dms export (see :func:`check_export_target`).
     """
     block = dms_config_block(model)
-    export_dir = Path(export_dir)
-    _prepare_target(export_dir, overwrite)
-    tmp = staging_dir(export_dir)
-    try:
-        work = copy.deepcopy(model)
-        work.config.architectures = [type(work).__name__]
-        if _is_quantized(work):
-            from modelopt.torch.export import export_hf_checkpoint as mo_export
-
-            mo_export(work, dtype=dtype or next(work.parameters()).dtype, export_dir=tmp)
-        else:
-            kwargs = {"save_modelopt_state": False} if hasattr(type(work), "_modelopt_cache") else {}
-            if dtype is not None:
-                work.to(dtype)
-            work.save_pretrained(tmp, **kwargs)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg[DMS_BLOCK_KEY] = block
-        cfg["architectures"] = [type(model).__name__]
-        atomic_write_json(cfg_path, cfg)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        publish_dir(tmp, export_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    export_dir = check_export_target(export_dir, overwrite)
+    with _lock_for(export_dir):
+        clean_leftovers(export_dir)
+        check_export_target(export_dir, overwrite)  # again, now that no other export can interfere
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_free_space(export_dir.parent, int(param_bytes * 1.1) + (1 << 20), "Export target")
+        tmp = staging_dir(export_dir)
+        try:
+            _write_export(model, tmp, block, tokenizer, dtype)
+            write_marker(tmp, HF_EXPORT_KIND)
+            normalise_permissions(tmp)
+            publish_dir(tmp, export_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return export_dir
+
+
+def _write_export(
+    model: nn.Module, folder: Path, block: dict, tokenizer: Any, dtype: torch.dtype | None
+) -> None:
+    work = copy.deepcopy(model)
+    work.config.architectures = [type(work).__name__]
+    if _is_quantized(work):
+        from modelopt.torch.export import export_hf_checkpoint as mo_export
+
+        mo_export(work, dtype=dtype or next(work.parameters()).dtype, export_dir=folder)
+    else:
+        kwargs = {"save_modelopt_state": False} if hasattr(type(work), "_modelopt_cache") else {}
+        if dtype is not None:
+            work.to(dtype)
+        work.save_pretrained(folder, **kwargs)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[DMS_BLOCK_KEY] = block
+    cfg["architectures"] = [type(model).__name__]
+    atomic_write_json(cfg_path, cfg)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -110,7 +149,7 @@ def load_exported(export_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    export_dir = Path(export_dir)
+    export_dir = user_path(export_dir)
     cfg_path = export_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{export_dir} has no config.json: not an export folder.")

@@ -51,9 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import TEMP_MARK, umask_mode
 from ..model_dms import dms_modules
 from ..nn.attention import DMSAttention
 from ..nn.masks import grouped_attention
+from ..outputs import OutputError, ensure_writable_parent, user_path
 from .hf_checkpoint import dms_config_block
 
 __all__ = ["ONNX_FORMAT", "DMSStepGraph", "export_onnx", "onnx_io_names"]
@@ -312,6 +314,7 @@ def export_onnx(
     max_new_tokens: int = 512,
     dynamo: bool | None = None,
     check: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Export one DMS generation step of ``model`` as an ONNX graph with the compact cache as I/O.
 
@@ -327,6 +330,7 @@ def export_onnx(
         dynamo: ``None`` tries the TorchScript exporter (``dynamo=False``) and falls back to the
             ``torch.export``-based exporter; ``True``/``False`` forces one.
         check: validate the written file with ``onnx.checker``.
+        overwrite: replace an existing step graph at ``path`` (never any other file).
 
     Returns:
         The path of the written file. Metadata props (``format``, ``window_size``, ``num_layers``,
@@ -336,11 +340,51 @@ def export_onnx(
         ValueError: not a DMS model, a fake-quantized model, or an unsupported layout.
 
     """
+    mods = _check_exportable(model)
+    path = check_onnx_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    final, path = path, path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}.onnx")
+    try:
+        _export_to(model, mods, path, opset, max_past, max_batch, max_new_tokens, dynamo, check)
+        os.chmod(path, umask_mode(0o666))
+        os.replace(path, final)
+    finally:
+        path.unlink(missing_ok=True)
+    return final
+
+
+def check_onnx_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise unless ``path`` can receive an ONNX step graph (cheap: call it before heavy work).
+
+    A missing path is fine; an existing file is replaced only with ``overwrite`` and only if it is
+    a step graph written by :func:`export_onnx` (its metadata says so).
+    """
     import onnx
 
-    mods = _check_exportable(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = user_path(path)
+    if path.is_dir():
+        raise OutputError(
+            f"ONNX target {path} is a folder; export_onnx writes a file (e.g. {path / 'step.onnx'})."
+        )
+    if path.exists():
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception:  # noqa: BLE001 - any unreadable file is not ours
+            props = {}
+        if props.get("format") != ONNX_FORMAT:
+            raise OutputError(
+                f"ONNX target {path} exists and is not a step graph written by modelopt-dms; it is left "
+                "alone. Choose another path."
+            )
+        if not overwrite:
+            raise FileExistsError(f"ONNX target {path} exists; pass overwrite=True (CLI: --overwrite).")
+    ensure_writable_parent(path, "ONNX target")
+    return path
+
+
+def _export_to(model, mods, path: Path, opset, max_past, max_batch, max_new_tokens, dynamo, check) -> None:
+    import onnx
+
     num_layers = len(model.model.layers)
     input_names, output_names = onnx_io_names(num_layers)
     wrapper = DMSStepGraph(model)
@@ -355,7 +399,6 @@ def export_onnx(
             except Exception as err:  # noqa: BLE001 - report every exporter's failure together
                 errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: {err!r}")
         else:
-            path.unlink(missing_ok=True)  # no half-written file is left behind
             raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -366,7 +409,6 @@ def export_onnx(
     onnx.save(proto, str(path))
     if check:
         onnx.checker.check_model(str(path))
-    return path
 
 
 def _run_exporter(wrapper, args, path, input_names, output_names, axes, opset, use_dynamo) -> None:

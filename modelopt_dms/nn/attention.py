@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from modelopt.torch.opt.dynamic import DynamicModule, _DMRegistryCls
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import DMSConfig
 from .decisions import DMSDecisionAdapter, logistic_noise, relaxed_decisions
@@ -40,6 +41,10 @@ class DMSSwitches:
     residual: torch.Tensor | None = None  # decoder layer input, handed over by the residual hook
     last_decisions: torch.Tensor | None = None
 
+    def __deepcopy__(self, memo: dict) -> DMSSwitches:
+        """Copy the switches, not the last forward's tensors (an autograd graph cannot be copied)."""
+        return DMSSwitches(self.eviction_disabled, self.step, self.keep_every, self.record)
+
 
 def _dense_visibility_from_hf_mask(mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
     """Turn the mask transformers passes to attention into a boolean (B, 1, Tq, Tk) mask."""
@@ -49,6 +54,11 @@ def _dense_visibility_from_hf_mask(mask: torch.Tensor | None, q_len: int, k_len:
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _is_dynamic(cache: Any) -> bool:
+    """True for a transformers DynamicCache (every layer a plain, growing DynamicLayer)."""
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _pattern_logits(
@@ -248,6 +258,11 @@ class DMSAttention(DynamicModule):
         return grouped_attention(query, key, value, self.scaling, mask=mask, bias=bias)
 
     def _hard_masked_attention(self, query, key, value, logits, attention_mask, past_key_values):
+        if past_key_values is not None and not _is_dynamic(past_key_values):
+            raise ValueError(
+                f"DMS attention got a {type(past_key_values).__name__}: a DMS model runs with its DMSCache "
+                "(generate's default), a DynamicCache (the masked reference) or no cache."
+            )
         decisions = logits > 0
         self._record(decisions.float())
         bsz, _, q_len, _ = query.shape

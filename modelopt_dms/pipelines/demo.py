@@ -19,7 +19,7 @@ import torch
 from ..corpus import DEFAULT_CACHE_DIR, PYTHON_DOCS_GLOB, build_token_sequences, split_token_stream
 from ..evaluation.fidelity import fidelity_on_text
 from ..evaluation.retrieval import passkey_accuracy, passkey_samples
-from ..export.adapters import load_adapters
+from ..export.adapters import check_adapters, load_adapters
 from ..fileio import atomic_write_json
 from ..loading import load_model
 from ..model_dms import apply_dms, dms_config, eviction_disabled
@@ -51,6 +51,8 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict[str,
     """Run the demo; returns (and optionally writes to ``opts.json``) the measured results."""
     torch.manual_seed(0)
     t0 = time.time()
+    if opts.adapters:
+        check_adapters(opts.adapters)  # a typo is reported before the model loads
     log(f"[1/5] loading {opts.model} ...")
     model, tok = load_model(opts.model)
     msgs = [{"role": "user", "content": PROMPT}]

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from ..corpus import PYTHON_DOCS_GLOB, build_token_sequences
-from ..export.adapters import load_adapters
-from ..export.hf_checkpoint import export_hf_checkpoint
-from ..export.onnx import export_onnx
+from ..export.adapters import check_adapters, load_adapters
+from ..export.hf_checkpoint import check_export_target, export_hf_checkpoint
+from ..export.onnx import check_onnx_target, export_onnx
 from ..loading import load_model
 from ..model_dms import apply_dms, quantize_fp8
+from ..outputs import check_free_space, user_path
 
-__all__ = ["ExportPlan", "export_model", "run_export_plan"]
+__all__ = ["ExportPlan", "check_export_space", "export_model", "run_export_plan"]
 
 
 @dataclass
@@ -40,6 +41,15 @@ class ExportPlan:
         return self.quantize_weights or self.quantize_kv
 
 
+def check_export_space(model: nn.Module, plan: ExportPlan) -> None:
+    """Refuse before any heavy work if the plan's folders lack room for the model's weights."""
+    need = int(sum(p.numel() * p.element_size() for p in model.parameters()) * 1.1) + (1 << 20)
+    if plan.hf_dir:
+        check_free_space(user_path(plan.hf_dir).parent, need, "Export target")
+    if plan.onnx_path:
+        check_free_space(user_path(plan.onnx_path).parent, need, "ONNX target")
+
+
 def run_export_plan(
     model: nn.Module,
     tokenizer: Any,
@@ -51,9 +61,10 @@ def run_export_plan(
 
     ``calib_batches`` is called only if the plan quantizes (it may tokenise a corpus).
     """
+    check_export_space(model, plan)
     out: dict[str, Any] = {}
     if plan.onnx_path:
-        export_onnx(model, plan.onnx_path)
+        export_onnx(model, plan.onnx_path, overwrite=plan.overwrite)
         log(f"[export] ONNX step graph -> {plan.onnx_path}")
         out["onnx_path"] = plan.onnx_path
     if plan.quantizes:
@@ -92,6 +103,12 @@ def export_model(
 
     ``quantize`` is ``none``, ``fp8`` (weights, inputs and KV cache) or ``fp8-kv`` (KV cache only).
     """
+    check_export_target(out, overwrite)  # destinations and inputs first: loading and calibration are slow
+    if onnx:
+        check_onnx_target(onnx, overwrite)
+    if adapters:
+        check_adapters(adapters)
+    log(f"[export] {model_name} -> {out}")
     model, tok = load_model(model_name)
     if adapters:
         load_adapters(model, adapters)

@@ -24,8 +24,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from ..cache import DMSCache
-from ..config import DMS_BLOCK_KEY, DMSConfig
-from ..nn.attention import DMSAttention, DMSAttentionRegistry
+from ..config import DMS_BLOCK_KEY, DMSBlockError, DMSConfig
+from ..nn.attention import ADAPTER_ATTR, DMSAttention, DMSAttentionRegistry
 
 __all__ = [
     "SUPPORTED_ATTENTION_CLASSES",
@@ -63,11 +63,15 @@ _PREPARE_CACHE = "_prepare_cache_for_generation"
 
 
 def _prepare_cache_with_dms(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-    if (
-        model_kwargs.get("past_key_values") is None
-        and generation_config.use_cache is not False
-        and generation_config.cache_implementation is None
-    ):
+    impl = generation_config.cache_implementation
+    if impl not in (None, "dynamic"):
+        raise ValueError(
+            f"generate(cache_implementation={impl!r}) is not supported on a DMS model: DMS decodes "
+            "with its compact DMSCache (the default: drop cache_implementation) or, for the masked "
+            "reference, a DynamicCache (cache_implementation='dynamic')."
+        )
+    no_cache = model_kwargs.get("past_key_values") is None
+    if no_cache and generation_config.use_cache is not False and impl is None:
         model_kwargs["past_key_values"] = DMSCache()
         return None
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
@@ -95,17 +99,49 @@ def install_from_pretrained_hook() -> None:
 
     if getattr(PreTrainedModel.post_init, "_dms_hook", False):
         return
-    original = PreTrainedModel.post_init
+    original_post_init = PreTrainedModel.post_init
+    original_from_pretrained = PreTrainedModel.from_pretrained.__func__
 
     def post_init(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        out = original_post_init(self, *args, **kwargs)
         block = getattr(self.config, DMS_BLOCK_KEY, None)
         if block is not None and hasattr(self, "lm_head"):
             _apply_from_block(self, block)
         return out
 
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = original_from_pretrained(cls, *args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        _check_dms_tensors_loaded(model, info, source)
+        return (model, info) if want_info else model
+
     post_init._dms_hook = True  # type: ignore[attr-defined]
     PreTrainedModel.post_init = post_init
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _check_dms_tensors_loaded(model: nn.Module, info: dict, source: Any) -> None:
+    """Refuse a DMS model whose checkpoint lacks (or has extra) decision-adapter tensors."""
+    if not any(isinstance(m, DMSAttention) for m in model.modules()):
+        return
+
+    def dms_keys(keys: Any) -> list[str]:
+        return sorted(k for k in (keys or []) if ADAPTER_ATTR in str(k).split("."))
+
+    missing, unexpected = dms_keys(info.get("missing_keys")), dms_keys(info.get("unexpected_keys"))
+    if missing:
+        raise DMSBlockError(
+            f"{source}: the checkpoint lacks the DMS adapter tensor(s) {missing[:3]} (and {len(missing) - 1} "
+            "more at most) that its DMS config needs; the model would compute with uninitialised "
+            "decision heads. Re-export it with modelopt_dms.export_hf_checkpoint."
+        )
+    if unexpected:
+        raise DMSBlockError(
+            f"{source}: the checkpoint holds DMS adapter tensor(s) {unexpected[:3]} that its DMS config "
+            "does not use (was the dms_config block edited?). Re-export it with "
+            "modelopt_dms.export_hf_checkpoint."
+        )
 
 
 def _apply_from_block(model: nn.Module, block: Any) -> None:
@@ -113,6 +149,16 @@ def _apply_from_block(model: nn.Module, block: Any) -> None:
 
     if any(isinstance(m, DMSAttention) for m in model.modules()):
         return
+    quant = getattr(model.config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = {"quant_method": getattr(quant, "quant_method", None)}
+    quant_method = quant.get("quant_method")
+    if quant_method is not None and str(quant_method).lower() == "modelopt":
+        raise DMSBlockError(
+            f"{getattr(model.config, '_name_or_path', 'this checkpoint')} is a modelopt-quantized (FP8) DMS "
+            "export: transformers cannot dequantize its weights and would return a model that computes "
+            "garbage. Load it with modelopt_dms.load_exported(path)."
+        )
     num_layers = getattr(model.config, "num_hidden_layers", None)
     config = DMSConfig.from_block(block, num_layers)
     mto.apply_mode(model, [("dms", config.model_dump())])

@@ -11,13 +11,20 @@ import os
 import shutil
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..fileio import staging_dir
+from ..fileio import normalise_permissions, staging_dir
 from .distributed import is_sharded, world
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAMES", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_NAMES = ("checkpoint", "checkpoint.old")
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed; the message names the file and the fix."""
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,6 +72,7 @@ def save_checkpoint(
         save_file(rng, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "optimizer": opt_meta, "history": history}, f)
+        normalise_permissions(tmp)
         old = final + ".old"
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)  # a stale .old only exists next to a good final
@@ -83,22 +91,52 @@ def latest_checkpoint(out_dir: str) -> str | None:
     ``checkpoint`` normally; ``checkpoint.old`` when a kill landed between the two renames of
     :func:`save_checkpoint` (the new one was not in place yet, the previous one still is).
     """
-    for name in ("checkpoint", "checkpoint.old"):
+    for name in CHECKPOINT_NAMES:
         path = os.path.join(out_dir, name)
         if os.path.isfile(os.path.join(path, "state.json")):
             return path
     return None
 
 
+def _read(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Every file of a checkpoint, or :class:`CheckpointError` naming the damaged one."""
+    hint = "rerun with --restart (recipe: train.resume: false) to start the run over"
+    name = "state.json"
+    try:
+        with open(os.path.join(path, name)) as f:
+            meta = json.load(f)
+        step, history, opt_meta = int(meta["step"]), list(meta["history"]), meta["optimizer"]
+        name = "trainable.safetensors"
+        tensors = load_file(os.path.join(path, name))
+        name = "optimizer.safetensors"
+        opt_tensors = load_file(os.path.join(path, name))
+        name = "rng.safetensors"
+        rng = load_file(os.path.join(path, name))["torch_cpu"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise CheckpointError(f"The checkpoint in {path} is damaged ({name}: {err}); {hint}.") from None
+    return {"step": step, "history": history, "optimizer": opt_meta}, tensors, opt_tensors, rng
+
+
 def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
-    """Restore what :func:`save_checkpoint` wrote; returns ``(step, history)``."""
+    """Restore what :func:`save_checkpoint` wrote; returns ``(step, history)``.
+
+    Raises:
+        CheckpointError: a damaged checkpoint, or one of another model (names or shapes differ).
+
+    """
     path = latest_checkpoint(out_dir)
     if path is None:
         raise FileNotFoundError(f"No complete checkpoint in {out_dir}")
-    with open(os.path.join(path, "state.json")) as f:
-        meta = json.load(f)
-    tensors = load_file(os.path.join(path, "trainable.safetensors"))
+    meta, tensors, opt_tensors, rng = _read(path)
     params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        p = params.get(name)
+        if p is None or tuple(value.shape) != tuple(getattr(p, "shape", ())):
+            raise CheckpointError(
+                f"The checkpoint in {path} does not fit this model ({name}: "
+                f"{'no such parameter' if p is None else f'{tuple(value.shape)} vs {tuple(p.shape)}'}); "
+                "rerun with --restart to start over."
+            )
     sharded = is_sharded(model)
     with torch.no_grad():
         for name, value in tensors.items():
@@ -108,7 +146,6 @@ def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) 
 
                 value = distribute_tensor(value, p.device_mesh, p.placements)
             p.copy_(value)
-    opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state = {}
     for pid, entries in meta["optimizer"]["state"].items():
         key = pid if sharded else int(pid)
@@ -120,5 +157,5 @@ def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) 
         set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(full)
-    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
-    return int(meta["step"]), list(meta["history"])
+    torch.set_rng_state(rng)
+    return meta["step"], meta["history"]

@@ -38,6 +38,7 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=0)
     seed: int = Field(0, ge=0)
+    resume: bool = True  # false: start over in output.dir (its run's checkpoint and log are replaced)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainConfig:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fileio import TEMP_MARK, atomic_write_json
-from ..model_dms import dms_config, eviction_disabled, eviction_rate, set_step
+from ..model_dms import dms_config, dms_modules, eviction_disabled, eviction_rate, set_step
 from ..nn.attention import ADAPTER_ATTR
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -107,9 +107,11 @@ def train(
                 comp = compression_loss(rates, f_target)
                 loss = kl + config.compression_weight * comp
             if not torch.isfinite(loss):
+                last = latest_checkpoint(out_dir)
+                kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
                 raise TrainingDivergedError(
-                    f"Non-finite loss at step {step} (kl={kl.item()}, compression={comp.item()}); the "
-                    f"last good checkpoint in {out_dir}/checkpoint is kept. Lower train.lr."
+                    f"Non-finite loss at step {step} (kl={kl.item()}, compression={comp.item()}); {kept}. "
+                    "Lower train.lr."
                 )
             (loss / config.grad_accum).backward()
             totals["loss"] += loss.item() / config.grad_accum
@@ -152,6 +154,8 @@ def train(
         if checkpoint_now:
             save_checkpoint(out_dir, model, opt, step + 1, history)
     model.eval()
+    for m in dms_modules(model):  # the last step's decisions hold its autograd graph
+        m.dms_switches.last_decisions = None
     if config.fsdp:
         unshard_for_saving(model)  # full adapters on every rank for save_adapters / export
     if main_rank:
