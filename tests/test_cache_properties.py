@@ -1,9 +1,11 @@
-"""Property tests of ``DMSCache.dms_attend`` against an independent naive list reference.
+"""Property tests of the batched ``DMSCache.dms_attend`` against an independent naive list reference
+and against the previous per-row cache (``tests/oracle_cache.py``).
 
 No model is involved: random float64 q/k/v and random decisions are fed to ``dms_attend`` in
-random sequences of calls (a prefill, 1-token decode steps, more prefills = multi-turn), each call
-with random LEFT padding given as a 2D or 4D mask, with random ``prefill_chunk_size`` and
-``block_size``. The reference (docs/design.md §2) keeps, per (layer, batch row, KV head), plain Python
+random sequences of calls (a prefill, 1-token decode steps, more prefills = multi-turn, beam
+reorders and ``num_return_sequences`` repeats), each call with random LEFT padding given as a 2D or
+4D mask, with random ``prefill_chunk_size``, both storage layouts and random block / page sizes.
+The reference (docs/design.md §2) keeps, per (layer, batch row, KV head), plain Python
 lists of every real token's q/k/v and decision; positions count real tokens of that row only.
 
 * output of a real query at position ``q``: softmax over keys ``k <= q`` with NOT
@@ -11,7 +13,9 @@ lists of every real token's q/k/v and decision; positions count real tokens of t
   padded query positions are exactly zero;
 * row state after ``T`` real tokens: the ``W = w + 1`` newest positions plus the older ``k`` with
   ``d_{k+1} = 0``; flags ``d_{k+1}`` (newest pending = False); stored k/v equal the inputs;
-* memory: whole blocks, ``capacity - kept < block_size``; ``cache_stats`` equals own accounting;
+* memory: the layer capacity is whole blocks/pages with at most one granule above the longest
+  row (+ its scratch slot); paged rows hold at most one page beyond their length; ``cache_stats``
+  equals own accounting; the per-row oracle's outputs and kept sets are the same;
 * ``release(batch_index=b)`` frees exactly that row, ``release()`` everything.
 """
 
@@ -24,6 +28,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle_cache import PerRowDMSCache
 
 from modelopt_dms import DMSCache, cache_stats
 
@@ -49,6 +54,7 @@ class Call:
     length: int  # new tokens passed in (padding included)
     pads: list[int]  # left padding per batch row (0..length)
     mask_kind: str  # "none" | "2d_new" | "2d_full" | "4d_bool" | "4d_float"
+    rows: list[int] | None = None  # instead of tokens: reorder/repeat batch rows (beams)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Scenario:
     calls: list[Call]
     seed: int
     release_row: int | None = None
+    layout: str = "blocked"
 
 
 @st.composite
@@ -85,6 +92,9 @@ def scenarios(draw, max_calls: int = 14) -> Scenario:
             pads = [0] * batch
         kinds = ["2d_new", "2d_full", "4d_bool", "4d_float"] + (["none"] if not any(pads) else [])
         calls.append(Call(length, pads, draw(st.sampled_from(kinds))))
+        if draw(st.integers(0, 9)) == 0:  # a beam reorder / repeat of the rows (keeps the batch size)
+            rows = [draw(st.integers(0, batch - 1)) for _ in range(batch)]
+            calls.append(Call(0, [], "none", rows=rows))
     n_layers = draw(st.sampled_from([1, 1, 2]))
     layers = draw(st.lists(st.integers(0, 4), min_size=n_layers, max_size=n_layers, unique=True))
     return Scenario(
@@ -101,6 +111,7 @@ def scenarios(draw, max_calls: int = 14) -> Scenario:
         calls=calls,
         seed=draw(st.integers(0, 2**31 - 1)),
         release_row=draw(st.one_of(st.none(), st.integers(0, batch - 1))),
+        layout=draw(st.sampled_from(["blocked", "paged"])),
     )
 
 
@@ -177,6 +188,17 @@ def check_row_state(cache, layer, b, h, ref: RefRow, window: int, dtype) -> int:
     return len(pos)
 
 
+def _select_rows_everywhere(cache, oracle, refs, rows: list[int]) -> dict:
+    """Beam reorder / repeat of the batch rows in the cache, the oracle and the naive reference."""
+    import copy as _copy
+
+    index = torch.tensor(rows)
+    cache.reorder_cache(index)
+    for li, layer_rows in oracle._rows.items():
+        oracle._rows[li] = [[_copy.deepcopy(r) for r in layer_rows[i]] for i in rows]
+    return {li: [[_copy.deepcopy(r) for r in refs[li][i]] for i in rows] for li in refs}
+
+
 def run_scenario(sc: Scenario) -> int:
     """Run every call of ``sc`` and check all properties after each; returns #checked calls."""
     gen = torch.Generator().manual_seed(sc.seed)
@@ -185,11 +207,19 @@ def run_scenario(sc: Scenario) -> int:
     elem = torch.empty((), dtype=sc.dtype).element_size()
     tol = 1e-6 if sc.dtype == torch.float64 else 2e-4
     scaling = float(torch.empty(()).uniform_(0.2, 1.5, generator=gen)) / math.sqrt(dim)
-    cache = DMSCache(block_size=sc.block_size, prefill_chunk_size=sc.chunk)
+    cache = DMSCache(
+        layout=sc.layout, block_size=sc.block_size, page_size=sc.block_size, prefill_chunk_size=sc.chunk
+    )
+    oracle = PerRowDMSCache(block_size=sc.block_size, prefill_chunk_size=sc.chunk)
     refs = {li: [[RefRow() for _ in range(hkv)] for _ in range(bsz)] for li in sc.layers}
     history = torch.zeros(bsz, 0, dtype=torch.bool)
     logical = 0
     for call in sc.calls:
+        if call.rows is not None:
+            if cache.dms_layers():
+                refs = _select_rows_everywhere(cache, oracle, refs, call.rows)
+                history = history[call.rows]
+            continue
         length = call.length
         real = torch.ones(bsz, length, dtype=torch.bool)
         for b, pad in enumerate(call.pads):
@@ -201,8 +231,12 @@ def run_scenario(sc: Scenario) -> int:
             v = torch.randn(bsz, hkv, length, dim, generator=gen, dtype=torch.float64).to(sc.dtype)
             dec = torch.rand(bsz, hkv, length, generator=gen) < sc.evict_rate
             out = cache.dms_attend(li, q, k, v, dec, mask, scaling, w)
+            want_oracle = oracle.dms_attend(li, q, k, v, dec, mask, scaling, w)
             assert out.shape == (bsz, length, hq, dim)
             assert out.dtype == sc.dtype
+            assert (out.double() - want_oracle.double()).abs().max().item() <= tol, (
+                "differs from the per-row oracle"
+            )
             for b in range(bsz):
                 idx = real[b].nonzero().flatten().tolist()
                 pad_idx = (~real[b]).nonzero().flatten()
@@ -223,35 +257,48 @@ def run_scenario(sc: Scenario) -> int:
                         assert err <= tol, f"layer {li} row {b} head {h} query pos {first + j}: err {err:.3g}"
         logical += length
         history = torch.cat([history, real], dim=1)
-        check_memory(cache, sc, refs, logical, elem)
-    if sc.release_row is not None:
+        check_memory(cache, oracle, sc, refs, logical, elem)
+    if sc.release_row is not None and cache.dms_layers():
         check_release_row(cache, sc, refs, sc.release_row, elem)
     cache.release()
     assert cache_stats(cache)["kv_bytes_allocated"] == 0
     return len(sc.calls)
 
 
-def check_memory(cache, sc: Scenario, refs, logical: int, elem: int) -> None:
+def check_memory(cache, oracle, sc: Scenario, refs, logical: int, elem: int) -> None:
     seen_exp, kept_exp = [], []
     alloc = kept_bytes = dense = 0
+    granule = sc.block_size
     for li in sorted(sc.layers):
         assert cache.get_seq_length(li) == logical
+        layer = cache.dms_layer(li)
         seen_l, kept_l = [], []
         for b in range(sc.batch):
             seen_r, kept_r = [], []
             for h in range(sc.kv_heads):
                 ref = refs[li][b][h]
                 n_kept = check_row_state(cache, li, b, h, ref, sc.window, sc.dtype)
-                cap = cache.row_state(li, b, h)["capacity"]
-                assert cap % sc.block_size == 0, f"capacity {cap} not whole blocks of {sc.block_size}"
-                assert 0 <= cap - n_kept < sc.block_size, (li, b, h, cap, n_kept, sc.block_size)
+                o = oracle.row_state(li, b, h)
+                mine = cache.row_state(li, b, h)
+                assert sorted(mine["pos"].tolist()) == sorted(o["pos"].tolist())
+                if sc.layout == "paged":
+                    pages = int(layer.kv.npages[b, h])
+                    need = -(-n_kept // granule)
+                    assert need <= pages <= need + 1, (li, b, h, pages, n_kept, granule)
                 seen_r.append(len(ref.d))
                 kept_r.append(n_kept)
-                alloc += cap * 2 * sc.head_dim * elem
                 kept_bytes += n_kept * 2 * sc.head_dim * elem
                 dense += logical * 2 * sc.head_dim * elem
             seen_l.append(seen_r)
             kept_l.append(kept_r)
+        longest = max(max(r) for r in kept_l)
+        cap = layer.book.capacity
+        assert cap % granule == 0, f"capacity {cap} not whole granules of {granule}"
+        assert longest <= cap < longest + 1 + granule, (li, cap, longest, granule)
+        if sc.layout == "blocked":
+            alloc += sc.batch * sc.kv_heads * cap * 2 * sc.head_dim * elem
+        else:
+            alloc += layer.kv.pool_k.shape[0] * granule * 2 * sc.head_dim * elem
         seen_exp.append(seen_l)
         kept_exp.append(kept_l)
     stats = cache_stats(cache)
@@ -275,24 +322,24 @@ def check_release_row(cache, sc: Scenario, refs, row: int, elem: int) -> None:
         for b in range(sc.batch)
         for h in range(sc.kv_heads)
     }
-    alloc_before = cache_stats(cache)["kv_bytes_allocated"]
-    freed = sum(
-        before[(li, row, h)]["capacity"] * 2 * sc.head_dim * elem
-        for li in sc.layers
-        for h in range(sc.kv_heads)
-    )
     cache.release(batch_index=row)
-    stats = cache_stats(cache)
-    assert stats["kv_bytes_allocated"] == alloc_before - freed
     for (li, b, h), old in before.items():
         new = cache.row_state(li, b, h)
         if b == row:
-            assert new["capacity"] == 0 and new["pos"].numel() == 0
+            assert new["pos"].numel() == 0 and new["seen"] == 0
         else:
-            assert new["capacity"] == old["capacity"]
-            assert torch.equal(new["pos"], old["pos"]) and torch.equal(new["flag"], old["flag"])
-            assert torch.equal(new["k"], old["k"]) and torch.equal(new["v"], old["v"])
+            order_old, order_new = old["pos"].argsort(), new["pos"].argsort()
+            assert torch.equal(new["pos"][order_new], old["pos"][order_old])
+            assert torch.equal(new["flag"][order_new], old["flag"][order_old])
+            assert torch.equal(new["k"][order_new], old["k"][order_old])
+            assert torch.equal(new["v"][order_new], old["v"][order_old])
             assert new["seen"] == old["seen"]
+    for li in sc.layers:
+        layer = cache.dms_layer(li)
+        longest = int(layer.book.length.max())
+        assert layer.book.capacity < longest + 1 + sc.block_size  # the freed row gives its room back
+        if sc.layout == "paged":
+            assert int(layer.kv.npages[row].sum()) == 0
 
 
 # --------------------------------------------------------------------------- tests
@@ -367,7 +414,8 @@ def test_formula_after_long_decode_at_full_eviction() -> None:
         cache.dms_attend(0, x, x, x, torch.ones(1, 1, 1, dtype=torch.bool), None, 1.0, w)
     state = cache.row_state(0, 0, 0)
     assert sorted(state["pos"].tolist()) == list(range(60 - (w + 1), 60))
-    assert state["capacity"] == 4
+    # W slots plus the one a decode step may append (the host cannot know it will not), whole blocks
+    assert state["capacity"] == 8
     assert cache_stats(cache)["compression_ratio"] == pytest.approx(60 / (w + 1))
 
 
@@ -380,7 +428,7 @@ def test_dense_layers_count_in_stats_and_release() -> None:
     cache.dms_attend(0, q, q, q, torch.zeros(2, 3, 5, dtype=torch.bool), None, 0.5, 2)
     stats = cache_stats(cache)
     dense_layer = 2 * k.numel() * 8
-    dms_rows = 2 * 3 * 6 * 2 * 4 * 8  # capacity 6 (3 blocks of 2) per row
+    dms_rows = 2 * 3 * 6 * 2 * 4 * 8  # capacity 6 (5 kept + the scratch slot, 3 blocks of 2) per row
     assert stats["kv_bytes_allocated"] == dense_layer + dms_rows
     assert stats["kv_bytes_dense"] == dense_layer + 2 * 3 * 5 * 2 * 4 * 8
     cache.release()

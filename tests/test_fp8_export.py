@@ -452,7 +452,7 @@ _FRESH_SCRIPT = textwrap.dedent(
             cache = dms.DMSCache(block_size=4)
             with torch.no_grad():
                 model(ids, past_key_values=cache, use_cache=True)
-            dtypes = sorted({str(r.k.dtype) for rows in cache._rows.values() for h in rows for r in h})
+            dtypes = sorted({str(layer.kv.codec.dtype) for layer in cache.dms_layers().values()})
             results[key] = {
                 "is_dms": dms.is_dms_model(model),
                 "logits_max_diff": (logits - expected["logits"]).abs().max().item(),

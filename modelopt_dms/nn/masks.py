@@ -12,13 +12,16 @@ import torch.nn.functional as F
 
 __all__ = [
     "diagonal_validity",
+    "shift_to_next_real",
     "hard_visibility",
     "soft_eviction_bias",
     "grouped_attention",
 ]
 
 
-def _shifted(x: torch.Tensor, fill: float | bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+def shift_to_next_real(
+    x: torch.Tensor, fill: float | bool, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """``y[..., k] = x[..., next(k)]`` with ``next(k)`` the next real position after ``k``.
 
     Without ``valid`` every position is real (``next(k) = k + 1``). Keys without a later real
@@ -77,7 +80,7 @@ def hard_visibility(
     if q_positions is None:
         q_positions = torch.arange(num_keys, device=decisions.device)
     diff, _ = _row_offsets(num_keys, q_positions, valid, decisions.device)  # (B|1, Tq, Tk)
-    flagged = _shifted(decisions.bool(), False, valid)[..., None, :]
+    flagged = shift_to_next_real(decisions.bool(), False, valid)[..., None, :]
     return (diff[:, None] >= 0) & ~(flagged & (diff[:, None] > window_size))
 
 
@@ -91,7 +94,7 @@ def soft_eviction_bias(z: torch.Tensor, window_size: int, valid: torch.Tensor | 
     num = z.shape[-1]
     diff, _ = _row_offsets(num, torch.arange(num, device=z.device), valid, z.device)
     diff = diff[:, None]  # (B|1, 1, T, T)
-    log_keep = F.logsigmoid(-_shifted(z, float("-inf"), valid))[..., None, :]  # pending: log(1) = 0
+    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid))[..., None, :]  # pending: log(1) = 0
     bias = torch.where(diff > window_size, log_keep, torch.zeros_like(log_keep))
     return bias.masked_fill(diff < 0, float("-inf"))
 

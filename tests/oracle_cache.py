@@ -1,4 +1,9 @@
-"""Compact DMS KV cache: per (layer, batch row, KV head) only the tokens DMS keeps.
+"""The previous, per-row DMS cache, kept as a test oracle for the batched :class:`modelopt_dms.DMSCache`.
+
+It loops in Python over rows and heads (a reference, not a serving cache). Outputs, kept positions,
+flags and lengths of the batched cache must equal it.
+
+Compact DMS KV cache: per (layer, batch row, KV head) only the tokens DMS keeps.
 
 Every row holds its own contiguous key/value storage that grows and shrinks in blocks of
 ``block_size`` tokens, so allocated bytes stay within one block per row of what the kept tokens
@@ -19,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .nn.masks import diagonal_validity
+from modelopt_dms.nn.masks import diagonal_validity
 
-__all__ = ["DMSCache", "cache_stats"]
+__all__ = ["PerRowDMSCache", "oracle_cache_stats"]
 
 
 @dataclass
@@ -67,7 +72,7 @@ def _alloc(cap: int, head_dim: int, like: torch.Tensor, store_dtype: torch.dtype
     )
 
 
-class DMSCache(Cache):
+class PerRowDMSCache(Cache):
     """A transformers ``Cache`` that stores only the tokens DMS keeps, per layer, row and KV head.
 
     Args:
@@ -332,7 +337,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def cache_stats(cache: DMSCache) -> dict[str, Any]:
+def oracle_cache_stats(cache: PerRowDMSCache) -> dict[str, Any]:
     """Token and byte accounting of a :class:`DMSCache`.
 
     Returns a dict with ``tokens_seen`` and ``tokens_kept`` (``(layers, batch, kv_heads)`` int
@@ -341,8 +346,6 @@ def cache_stats(cache: DMSCache) -> dict[str, Any]:
     need) and ``kv_bytes_dense`` (what a dense cache of the same tokens would hold in the
     model's compute dtype, so FP8 storage shows up as a further saving).
     """
-    if not isinstance(cache, DMSCache):
-        raise TypeError(f"cache_stats expects a DMSCache, got {type(cache).__name__}")
     layers = sorted(cache._rows)
     seen, kept = [], []
     alloc = kept_bytes = dense = 0

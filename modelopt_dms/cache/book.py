@@ -1,0 +1,253 @@
+"""Slot bookkeeping of one DMS cache layer, vectorised over (batch row, KV head).
+
+Every (row, KV head) owns the logical slots ``0 .. length-1`` (dense: no holes). Per slot: the
+token's position and its eviction flag; per row: the real tokens seen; per (row, head): a ring of
+the ``W = w + 1`` newest tokens' slots (``ring[p % W]`` is the slot of position ``p``).
+
+Invariants (docs/design.md §2), after ``n`` real tokens of a row: the ``W`` newest tokens are kept;
+an older token ``k`` is kept iff ``d_{k+1} = 0``; the newest token's flag is pending (False) until
+the next real token of the row arrives. Padding never enters and never counts.
+
+Nothing here loops over rows or heads, and the decode step reads nothing back to the host; a
+prefill chunk reads one number (the longest row) to size the storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..nn.masks import shift_to_next_real
+
+__all__ = ["ChunkPlan", "DecodePlan", "RowBook"]
+
+
+@dataclass
+class DecodePlan:
+    """Where the new token of every (row, head) goes in a decode step."""
+
+    slot: torch.Tensor  # (B, H) int64 logical slot written (rows without a real token: a scratch slot)
+    real: torch.Tensor  # (B,) bool
+
+
+@dataclass
+class ChunkPlan:
+    """What a multi-token call stores: new survivors' slots and the slot moves that close holes."""
+
+    dest: torch.Tensor  # (B, H, m) int64 slot of each new token (non-survivors: the scratch slot)
+    move_src: torch.Tensor  # (B, H, W) int64 slots moved into holes (unused pairs: scratch -> scratch)
+    move_dst: torch.Tensor  # (B, H, W) int64
+
+
+class RowBook:
+    """Positions, flags, lengths and the window ring of one layer (see the module docstring)."""
+
+    def __init__(self, batch: int, heads: int, window: int, device: torch.device) -> None:
+        self.window = window
+        self.big_w = window + 1
+        self.pos = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self.flag = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+        self.length = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ring = torch.full((batch, heads, self.big_w), -1, dtype=torch.long, device=device)
+        self.max_length_bound = 0  # host-side upper bound of length.max()
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def capacity(self) -> int:
+        """Logical slots per (row, head) the metadata (and the storage) holds."""
+        return self.pos.shape[-1]
+
+    @property
+    def batch(self) -> int:  # noqa: D102
+        return self.seen.shape[0]
+
+    @property
+    def heads(self) -> int:  # noqa: D102
+        return self.length.shape[1]
+
+    def resize(self, capacity: int) -> None:
+        """Grow or shrink the per-slot tensors to ``capacity`` slots (used slots are kept)."""
+        old = self.capacity
+        if capacity == old:
+            return
+        keep = min(old, capacity)
+        pos = self.pos.new_zeros(self.batch, self.heads, capacity)
+        flag = self.flag.new_zeros(self.batch, self.heads, capacity)
+        pos[..., :keep] = self.pos[..., :keep]
+        flag[..., :keep] = self.flag[..., :keep]
+        self.pos, self.flag = pos, flag
+
+    def refresh_bound(self) -> int:
+        """Exact ``length.max()`` (one host read); done at prefill and when capacity may grow."""
+        self.max_length_bound = int(self.length.max()) if self.length.numel() else 0
+        return self.max_length_bound
+
+    # ------------------------------------------------------------------ shared pieces
+    def _ring_at(self, index: torch.Tensor) -> torch.Tensor:
+        """``ring[b, h, index[b] % W]`` -> (B, H)."""
+        idx = (index % self.big_w)[:, None, None].expand(-1, self.heads, 1)
+        return self.ring.gather(-1, idx).squeeze(-1)
+
+    def settle_pending(self, first_decision: torch.Tensor, has_new: torch.Tensor) -> None:
+        """The first new decision of a row settles the pending flag of its previous newest token."""
+        if self.capacity == 0:
+            return  # nothing stored yet: no pending flag
+        settle = has_new & (self.seen >= 1)  # (B,)
+        prev = self._ring_at(self.seen - 1).clamp_min(0)[..., None]  # (B, H, 1)
+        old = self.flag.gather(-1, prev)
+        new = torch.where(settle[:, None, None], first_decision[..., None], old)
+        self.flag.scatter_(-1, prev, new)
+
+    # ------------------------------------------------------------------ decode
+    def plan_decode(self, decisions: torch.Tensor, real: torch.Tensor) -> DecodePlan:
+        """One token per row. ``decisions``: (B, H) bool ``d_t``; ``real``: (B,) bool.
+
+        The token leaving the window (position ``t - W``, whose slot is ``ring[t % W]``) gives up
+        its slot if flagged; otherwise the new token is appended. Requires ``capacity >=
+        max_length_bound + 1`` (the caller ensures it).
+        """
+        t = self.seen
+        self.settle_pending(decisions, real)
+        leave = self._ring_at(t)  # slot of token t - W (valid once t >= W)
+        leaving = (t >= self.big_w)[:, None] & (leave >= 0)
+        reuse = leaving & self.flag.gather(-1, leave.clamp_min(0)[..., None]).squeeze(-1) & real[:, None]
+        slot = torch.where(reuse, leave, self.length)  # rows without a token: the first free slot
+        slot_idx = slot[..., None]
+        self.pos.scatter_(-1, slot_idx, t[:, None, None].expand(-1, self.heads, 1))
+        self.flag.scatter_(-1, slot_idx, torch.zeros_like(slot_idx, dtype=torch.bool))
+        ring_idx = (t % self.big_w)[:, None, None].expand(-1, self.heads, 1)
+        old_ring = self.ring.gather(-1, ring_idx)
+        self.ring.scatter_(-1, ring_idx, torch.where(real[:, None, None], slot_idx, old_ring))
+        self.length = self.length + (real[:, None] & ~reuse).long()
+        self.seen = self.seen + real.long()
+        self.max_length_bound += 1
+        return DecodePlan(slot=slot, real=real)
+
+    # ------------------------------------------------------------------ prefill chunk
+    def new_positions(self, real: torch.Tensor) -> torch.Tensor:
+        """Positions of a call's tokens, ``(B, m)``: real tokens count on from ``seen``."""
+        return self.seen[:, None] + real.long().cumsum(-1) - 1
+
+    def chunk_flags(self, decisions: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first decision (B, H), new tokens' flags (B, H, m))`` of a call.
+
+        Token ``j`` takes the decision of the next real token of the call; the last real token
+        stays pending.
+        """
+        m = real.shape[1]
+        first = real.long().argmax(-1)  # (B,) first real index (0 if none: unused then)
+        first_decision = decisions.gather(-1, first[:, None, None].expand(-1, self.heads, 1)).squeeze(-1)
+        flags = shift_to_next_real(decisions, False, real) if m > 1 else torch.zeros_like(decisions)
+        return first_decision, flags & real[:, None, :]
+
+    def plan_chunk(
+        self, decisions: torch.Tensor, real: torch.Tensor, ensure: Callable[[int, torch.Tensor], None]
+    ) -> ChunkPlan:
+        """Store a call of ``m`` tokens (after its attention ran on the pre-call state).
+
+        ``ensure(slots, per_row)`` must give every row at least ``slots`` logical slots (storage
+        for ``per_row[b, h]`` used slots); it is called once, with the peak of this call.
+
+        Candidates for eviction are the past window (``W`` slots) and the new tokens only: older
+        survivors are unflagged and stay. Flagged tokens that left the window are dropped; new
+        survivors fill the freed slots first, then append; if fewer survive than were freed, the
+        rows are kept dense by moving tail slots into the holes. Capacity is adjusted here.
+        """
+        bsz, heads, m = decisions.shape
+        big = torch.iinfo(torch.long).max
+        n_real = real.long().sum(-1)  # (B,)
+        has_new = n_real > 0
+        first_decision, new_flag = self.chunk_flags(decisions, real)
+        self.settle_pending(first_decision, has_new)
+        newest = self.seen + n_real - 1  # (B,)
+        horizon = (newest - self.big_w)[:, None, None]  # tokens at pos <= horizon left the window
+
+        # past window: tokens out of the window now lose their ring entry; flagged ones their slot
+        ring_ok = self.ring >= 0
+        ring_slot = self.ring.clamp_min(0)
+        ring_pos = self.pos.gather(-1, ring_slot) if self.capacity else torch.zeros_like(ring_slot)
+        ring_flag = self.flag.gather(-1, ring_slot) if self.capacity else torch.zeros_like(ring_ok)
+        left = ring_ok & (ring_pos <= horizon)  # only rows with new tokens have any
+        freed = left & ring_flag
+        freed_sorted = torch.where(freed, self.ring, big).sort(-1).values  # (B, H, W)
+        n_free = freed.long().sum(-1)  # (B, H)
+        self.ring = torch.where(left, torch.full_like(self.ring, -1), self.ring)
+
+        # new tokens: kept unless flagged and already out of the window
+        new_pos = self.new_positions(real)[:, None, :].expand(-1, heads, -1)  # (B, H, m)
+        keep_new = real[:, None, :] & ~(new_flag & (new_pos <= horizon))
+        rank = keep_new.long().cumsum(-1) - 1  # (B, H, m)
+        n_new = keep_new.long().sum(-1)  # (B, H)
+        new_length = self.length + n_new - n_free
+
+        # capacity: the longest row during this call, plus one scratch slot
+        peak = torch.maximum(self.length, new_length)
+        ensure(int(peak.max()) + 1 if peak.numel() else 1, peak)
+        scratch = self.capacity - 1
+
+        use_freed = rank < n_free[..., None]
+        from_freed = freed_sorted.gather(-1, rank.clamp(0, self.big_w - 1))
+        appended = self.length[..., None] + rank - n_free[..., None]
+        dest = torch.where(use_freed, from_freed, appended)
+        dest = torch.where(keep_new, dest, torch.full_like(dest, scratch))
+        self.pos.scatter_(-1, dest, new_pos)
+        self.flag.scatter_(-1, dest, new_flag)
+        # the new tokens among the W newest positions of the row get their ring entries
+        in_window = keep_new & (new_pos > horizon)
+        ring_idx = torch.where(in_window, new_pos % self.big_w, torch.full_like(new_pos, self.big_w))
+        ring_ext = torch.cat([self.ring, self.ring.new_full((bsz, heads, 1), -1)], dim=-1)
+        ring_ext.scatter_(-1, ring_idx, torch.where(in_window, dest, torch.full_like(dest, -1)))
+        self.ring = ring_ext[..., : self.big_w].contiguous()
+
+        # close holes: freed slots no new token took, below the new length
+        src, dst = self._hole_moves(freed_sorted, n_free, n_new, new_length, scratch)
+        pos_src, flag_src = self.pos.gather(-1, src), self.flag.gather(-1, src)
+        self.pos.scatter_(-1, dst, pos_src)
+        self.flag.scatter_(-1, dst, flag_src)
+        moved = (self.ring[..., :, None] == src[..., None, :]) & (src != dst)[..., None, :]  # (B,H,W,W)
+        self.ring = torch.where(moved.any(-1), (moved.long() * dst[..., None, :]).sum(-1), self.ring)
+
+        self.length = torch.where(has_new[:, None], new_length, self.length)
+        self.seen = self.seen + n_real
+        self.max_length_bound = int(self.length.max()) if self.length.numel() else 0
+        return ChunkPlan(dest=dest, move_src=src, move_dst=dst)
+
+    def _hole_moves(
+        self, freed_sorted, n_free, n_new, new_length, scratch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs (source slot in the tail, hole below the new length); unused pairs are no-ops."""
+        w = self.big_w
+        big = torch.iinfo(torch.long).max
+        j = torch.arange(w, device=freed_sorted.device)
+        n_holes = (n_free - n_new).clamp_min(0)  # (B, H)
+        is_hole = (j >= n_new[..., None]) & (j < n_free[..., None])  # positions in freed_sorted
+        holes = torch.where(is_hole, freed_sorted, big)  # (B, H, W)
+        low_holes = torch.where(holes < new_length[..., None], holes, big).sort(-1).values
+        tail = new_length[..., None] + j  # candidate sources: [new_length, old_length)
+        in_tail = j < n_holes[..., None]
+        tail_is_hole = (tail[..., :, None] == holes[..., None, :]).any(-1)
+        sources = torch.where(in_tail & ~tail_is_hole, tail, big).sort(-1).values
+        valid = low_holes < big
+        src = torch.where(valid, sources, torch.full_like(sources, scratch))
+        dst = torch.where(valid, low_holes, torch.full_like(low_holes, scratch))
+        return src, dst
+
+    # ------------------------------------------------------------------ batch edits
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat batch rows: row ``i`` becomes old row ``index[i]`` (beams)."""
+        self.pos = self.pos.index_select(0, index)
+        self.flag = self.flag.index_select(0, index)
+        self.length = self.length.index_select(0, index)
+        self.seen = self.seen.index_select(0, index)
+        self.ring = self.ring.index_select(0, index)
+
+    def clear_row(self, b: int) -> None:
+        """Forget row ``b`` (a finished sequence): no tokens, no slots."""
+        self.length[b] = 0
+        self.seen[b] = 0
+        self.ring[b] = -1
+        self.pos[b] = 0
+        self.flag[b] = False

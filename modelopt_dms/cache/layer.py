@@ -1,0 +1,212 @@
+"""One layer of the DMS cache: slot bookkeeping (:class:`RowBook`) + KV storage + attention.
+
+A call of ``m`` new tokens (per batch row, left padding or padding anywhere allowed):
+
+* ``m == 1`` (decode): the token is stored first (reusing the slot of the flagged token leaving the
+  window, else appended), then attends over the stored slots. No host read, no Python loop over
+  rows or heads; the host only keeps an upper bound of the longest row to size the storage.
+* ``m > 1`` (prefill, in chunks of ``prefill_chunk_size``): each chunk attends over the stored
+  slots plus itself under the hard DMS mask, then is stored: only the past window and the chunk
+  can change state, so bookkeeping is O(w + chunk) per row (see :meth:`RowBook.plan_chunk`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .book import RowBook
+from .kernels import blockwise_parts, sdpa_parts
+from .storage import BlockedKV, KVCodec, PagedKV
+
+__all__ = ["DMSCacheLayer"]
+
+FP8_READ_BLOCK = 1024  # slots dequantised at a time when the storage is FP8
+
+
+class DMSCacheLayer:
+    """The state of one DMS attention layer in a :class:`~modelopt_dms.cache.DMSCache`."""
+
+    is_dms_layer = True
+
+    def __init__(
+        self,
+        window: int,
+        layout: str = "blocked",
+        block_size: int = 64,
+        page_size: int = 64,
+        prefill_chunk_size: int | None = 256,
+    ) -> None:
+        self.window = window
+        self.layout = layout
+        self.block_size = block_size
+        self.page_size = page_size
+        self.prefill_chunk_size = prefill_chunk_size
+        self.book: RowBook | None = None
+        self.kv: BlockedKV | PagedKV | None = None
+        self.logical = 0  # tokens passed in, padding included (what a dense cache would hold)
+        self.compute_dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------------ set-up and capacity
+    def _init(self, key: torch.Tensor, kv_scales: tuple[float, float] | None) -> None:
+        bsz, heads, _, dim = key.shape
+        self.compute_dtype = key.dtype
+        codec = KVCodec(key.dtype, kv_scales)
+        self.book = RowBook(bsz, heads, self.window, key.device)
+        if self.layout == "paged":
+            self.kv = PagedKV(bsz, heads, dim, codec, key.device, self.page_size)
+        else:
+            self.kv = BlockedKV(bsz, heads, dim, codec, key.device)
+
+    @property
+    def granule(self) -> int:
+        """Capacity step: a block (blocked layout) or a page (paged layout)."""
+        return self.page_size if self.layout == "paged" else self.block_size
+
+    def _set_capacity(self, slots: int, lengths: torch.Tensor | None) -> None:
+        cap = -(-slots // self.granule) * self.granule
+        self.book.resize(cap)
+        self.kv.resize(cap, lengths)
+
+    def _ensure(self, slots: int, lengths: torch.Tensor | None = None) -> None:
+        """At least ``slots`` logical slots per row (rows hold storage for ``lengths``)."""
+        if slots > self.book.capacity:
+            self._set_capacity(slots, lengths)
+        elif lengths is not None:
+            self.kv.resize(self.book.capacity, lengths)
+
+    def _fit(self) -> None:
+        """After a prefill: shrink to the longest row (+ the scratch slot) in whole blocks/pages."""
+        needed = self.book.max_length_bound + 1
+        target = -(-needed // self.granule) * self.granule
+        if target < self.book.capacity or self.layout == "paged":
+            self._set_capacity(needed, self.book.length)
+
+    # ------------------------------------------------------------------ attention
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        decisions: torch.Tensor,
+        real: torch.Tensor,
+        scaling: float,
+        kv_scales: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """New tokens attend and are stored.
+
+        Shapes: query ``(B, Hq, m, D)``, key/value ``(B, H, m, D)`` after RoPE, decisions
+        ``(B, H, m)`` bool, real ``(B, m)`` bool.
+
+        Returns ``(B, Hq, m, D)``; padded query positions are zero.
+        """
+        if self.book is None:
+            self._init(key, kv_scales)
+        elif key.shape[0] != self.book.batch or key.shape[1] != self.book.heads:
+            raise ValueError(
+                f"this DMSCache layer holds batch {self.book.batch} x {self.book.heads} KV heads, got "
+                f"{key.shape[0]} x {key.shape[1]}: use a new cache for a new batch."
+            )
+        m = query.shape[2]
+        self.logical += m
+        if m == 1:
+            return self._decode(query, key, value, decisions[..., 0], real[:, 0], scaling)
+        chunk = self.prefill_chunk_size or m
+        outs = []
+        for start in range(0, m, chunk):
+            sl = slice(start, min(m, start + chunk))
+            outs.append(
+                self._chunk(
+                    query[:, :, sl], key[:, :, sl], value[:, :, sl], decisions[..., sl], real[:, sl], scaling
+                )
+            )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
+        book, kv = self.book, self.kv
+        if book.max_length_bound + 1 > book.capacity:  # may need room: learn the exact longest row
+            book.refresh_bound()
+            self._ensure(book.max_length_bound + 1)
+        kv.prepare_decode(book.length)
+        plan = book.plan_decode(decision, real)
+        kv.write(plan.slot[..., None], key, value)
+        slots = torch.arange(book.capacity, device=key.device)
+        mask = (slots < book.length[..., None])[:, :, None, :] & real[:, None, None, None]
+        return self._attend_stored(query, mask, [], scaling)
+
+    def _chunk(self, query, key, value, decisions, real, scaling) -> torch.Tensor:
+        book, w = self.book, self.window
+        first_decision, new_flag = book.chunk_flags(decisions, real)
+        book.settle_pending(first_decision, real.any(-1))
+        q_pos = book.new_positions(real)  # (B, m)
+        # stored slots: used, and not (flagged and more than w behind the query)
+        cap = book.capacity
+        if cap:
+            slots = torch.arange(cap, device=key.device)
+            used = (slots < book.length[..., None])[:, :, None, :]  # (B, H, 1, C)
+            far = (q_pos[:, None, :, None] - book.pos[:, :, None, :]) > w  # (B, H, m, C)
+            past_mask = used & ~(book.flag[:, :, None, :] & far) & real[:, None, :, None]
+        else:
+            past_mask = torch.zeros(
+                *book.length.shape, query.shape[2], 0, dtype=torch.bool, device=key.device
+            )
+        # the new tokens: causal among real tokens, flagged ones hidden beyond the window
+        diff = q_pos[:, :, None] - q_pos[:, None, :]  # (B, m, m)
+        causal = (diff >= 0) & real[:, None, :] & real[:, :, None]
+        new_mask = causal[:, None] & ~(new_flag[:, :, None, :] & (diff[:, None] > w))
+        out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling)
+        plan = book.plan_chunk(decisions, real, self._ensure)
+        self.kv.write(plan.dest, key, value)
+        self.kv.move(plan.move_src, plan.move_dst)
+        self._fit()
+        return out
+
+    def _attend_stored(self, query, stored_mask, extra, scaling) -> torch.Tensor:
+        """Attention over the stored slots (with ``stored_mask``) plus ``extra`` parts."""
+        cap = stored_mask.shape[-1]
+        dtype = query.dtype
+        if not self.kv.codec.fp8:
+            keys, values = self.kv.read(0, cap, dtype) if cap else (None, None)
+            parts = ([(keys, values, stored_mask)] if cap else []) + extra
+            return sdpa_parts(query, parts, scaling) if parts else query.new_zeros(query.shape)
+
+        def reader(start: int, end: int):
+            def read():
+                k, v = self.kv.read(start, end, dtype)
+                return k, v, stored_mask[..., start:end]
+
+            return read
+
+        readers = [reader(s, min(cap, s + FP8_READ_BLOCK)) for s in range(0, cap, FP8_READ_BLOCK)]
+        return blockwise_parts(query, [*readers, *extra], scaling, self.book.heads)
+
+    # ------------------------------------------------------------------ batch edits and accounting
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Row ``i`` becomes old row ``index[i]`` (beam search, ``num_return_sequences``)."""
+        if self.book is not None:
+            self.book.select_rows(index)
+            self.kv.select_rows(index)
+            self.book.refresh_bound()
+            self._fit()
+
+    def release(self, b: int) -> None:
+        """Free batch row ``b`` (a finished sequence)."""
+        if self.book is None:
+            return
+        self.book.clear_row(b)
+        self.kv.clear_row(b)
+        self.book.refresh_bound()
+        self._fit()
+
+    def row_state(self, b: int, h: int) -> dict:
+        """Stored positions, flags, keys and values (storage dtype) of one (row, head), for tests."""
+        book = self.book
+        n = int(book.length[b, h])
+        keys, values = self.kv.raw(0, book.capacity)  # as stored (FP8 stays FP8)
+        return {
+            "pos": book.pos[b, h, :n].clone(),
+            "flag": book.flag[b, h, :n].clone(),
+            "k": keys[b, h, :n],
+            "v": values[b, h, :n],
+            "seen": int(book.seen[b]),
+            "capacity": book.capacity,
+        }
