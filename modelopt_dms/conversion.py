@@ -18,10 +18,20 @@ from .plugins.huggingface import (
     uninstall_dms_generation,
 )
 
-__all__ = ["DMS_FORMAT_VERSION", "convert_to_dms", "is_dms_model", "restore_dms", "update_dms_metadata"]
+__all__ = [
+    "DMS_FORMAT_VERSION",
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "convert_to_dms",
+    "is_dms_model",
+    "restore_dms",
+    "update_dms_metadata",
+]
 
 DMS_FORMAT_VERSION = 1  # of the mode metadata and the adapters artifact
 _SUPPORTED_NAMES = ", ".join(sorted(SUPPORTED_ATTENTION_CLASSES.values()))
+# attn_implementation values whose masks DMS reads: 4D (eager, sdpa), 2D padding masks (flash
+# attention) and flex BlockMasks.
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def is_dms_model(model: nn.Module) -> bool:
@@ -54,6 +64,12 @@ def _validate(model: nn.Module, config: DMSConfig) -> list[tuple[nn.Module, nn.M
         raise ApplyModeError(
             f"Attention layers are already converted by another mode ({wrapped[0]}); apply 'dms' "
             "first, then mtq.quantize or other modes."
+        )
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is not None and impl not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ApplyModeError(
+            f"DMS does not support attn_implementation={impl!r}; supported: "
+            f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Load the model with attn_implementation='sdpa'."
         )
     targets = _find_targets(model)
     if not targets:

@@ -12,6 +12,7 @@ flag is pending until the next real token of that row arrives (also across chunk
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -222,7 +223,7 @@ class DMSCache(Cache):
         attention_mask: Any,
         scaling: float,
         window_size: int,
-        kv_scales: tuple[float, float] | None = None,
+        kv_scales: tuple[float, float] | Callable[[], tuple[float, float] | None] | None = None,
     ) -> torch.Tensor:
         """Attend new tokens against the compact cache, then store them (with delayed eviction).
 
@@ -231,8 +232,9 @@ class DMSCache(Cache):
             decisions: ``(B, Hkv, T)`` bool, ``d_t`` emitted by each new token.
             attention_mask: the mask transformers built (4D, 2D padding mask, BlockMask) or None;
                 only which new tokens are real is read from it.
-            kv_scales: per-tensor FP8 scales of calibrated k/v quantizers; when given, keys and
-                values are stored as ``float8_e4m3fn`` (set on the first call of a layer).
+            kv_scales: per-tensor FP8 scales of calibrated k/v quantizers (or a function returning
+                them, called only on a layer's first call: reading them is a host sync); when given,
+                keys and values are stored as ``float8_e4m3fn``.
 
         Returns:
             ``(B, T, Hq, D)``; padded query positions are zero.
@@ -245,6 +247,8 @@ class DMSCache(Cache):
         real = diagonal_validity(attention_mask, q_len, layer.dms.logical, bsz)
         if real is None:
             real = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
+        if layer.dms.book is None and callable(kv_scales):
+            kv_scales = kv_scales()
         out = layer.dms.attend(query, key, value, decisions.bool(), real.bool(), scaling, kv_scales)
         return out.transpose(1, 2)
 

@@ -100,7 +100,7 @@ class DMSCacheLayer:
         Returns ``(B, Hq, m, D)``; padded query positions are zero.
         """
         if self.book is None:
-            self._init(key, kv_scales)
+            self._init(key, None if callable(kv_scales) else kv_scales)
         elif key.shape[0] != self.book.batch or key.shape[1] != self.book.heads:
             raise ValueError(
                 f"this DMSCache layer holds batch {self.book.batch} x {self.book.heads} KV heads, got "

@@ -153,7 +153,8 @@ class PagedKV:
         self.npages = torch.zeros(batch, heads, dtype=torch.long, device=device)
         self.free = torch.zeros(1, dtype=torch.long, device=device)  # stack; the last cell is a trash cell
         self.free_top = torch.zeros((), dtype=torch.long, device=device)
-        self.free_bound = 0  # host lower bound of free_top
+        self.free_bound = 0  # host lower bound of free_top (exact after a resize)
+        self.decode_steps_left = 0  # decode steps the pool surely covers without reading free_top
         self.capacity = 0  # logical slots per row
 
     # ------------------------------------------------------------------ pool
@@ -194,6 +195,10 @@ class PagedKV:
         if max_per_row <= 0:
             return
         self._reserve(self.batch * self.heads * max_per_row)
+        self._pop(need, max_per_row)
+
+    def _pop(self, need: torch.Tensor, max_per_row: int) -> None:
+        """The device side of :meth:`_allocate`; the caller guarantees enough free pages."""
         self._widen_table(int(self.table.shape[-1]) + max_per_row)
         flat_need = need.flatten()
         start = (flat_need.cumsum(0) - flat_need).view_as(need)  # pops before this row
@@ -207,7 +212,7 @@ class PagedKV:
         self.table.scatter_(-1, col, torch.where(take, pages, old))
         self.npages = self.npages + need
         self.free_top = self.free_top - flat_need.sum()
-        self.free_bound -= self.batch * self.heads * max_per_row
+        self.free_bound -= int(need.shape[0] * need.shape[1]) * max_per_row
 
     def _release(self, keep_pages: torch.Tensor) -> None:
         """Return the pages of row ``(b, h)`` beyond ``keep_pages[b, h]`` to the free stack."""
@@ -238,10 +243,33 @@ class PagedKV:
         self._allocate(need, int(need.max()) if need.numel() else 0)
         self._release(want)
         self.free_bound = int(self.free_top)
+        self.decode_steps_left = self._decode_budget(self.free_bound)
+
+    def _decode_budget(self, free: int) -> int:
+        """Decode steps that ``free`` pages surely cover.
+
+        A row opens a page at most once per ``page_size`` appends, so ``k`` steps take at most
+        ``rows * ceil(k / page_size)`` pages.
+        """
+        return self.page_size * (free // max(1, self.batch * self.heads))
 
     def prepare_decode(self, lengths: torch.Tensor) -> None:
-        """Before a decode step: rows whose next append opens a new page get one (no host read)."""
-        self._allocate((lengths >= self.npages * self.page_size).long(), 1)
+        """Before a decode step: rows whose next append opens a new page get one.
+
+        The host reads the free-page count back only when the budget of steps it surely covers is
+        spent (about once per ``page_size`` steps); the pool then grows to cover at least one more
+        page per (row, head).
+        """
+        if self.decode_steps_left <= 0:
+            rows = self.batch * self.heads
+            free = int(self.free_top)
+            if free < rows:
+                self._grow_pool(max(rows - free, self.pool_pages // 4, 1))
+                free = int(self.free_top)
+            self.free_bound = free
+            self.decode_steps_left = self._decode_budget(free)
+        self._pop((lengths >= self.npages * self.page_size).long(), 1)
+        self.decode_steps_left -= 1
 
     # ------------------------------------------------------------------ addressing
     def _flat(self, slot: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import DMSConfig
 from .decisions import DMSDecisionAdapter, logistic_noise, relaxed_decisions
-from .masks import diagonal_validity, grouped_attention, hard_visibility, soft_eviction_bias
+from .masks import dense_visibility, diagonal_validity, grouped_attention, hard_visibility, soft_eviction_bias
 
 __all__ = ["ADAPTER_ATTR", "DMSAttention", "DMSAttentionRegistry", "DMSSwitches"]
 
@@ -44,16 +44,6 @@ class DMSSwitches:
     def __deepcopy__(self, memo: dict) -> DMSSwitches:
         """Copy the switches, not the last forward's tensors (an autograd graph cannot be copied)."""
         return DMSSwitches(self.eviction_disabled, self.step, self.keep_every, self.record)
-
-
-def _dense_visibility_from_hf_mask(mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
-    """Turn the mask transformers passes to attention into a boolean (B, 1, Tq, Tk) mask."""
-    if mask is None:
-        return None
-    mask = mask[..., -q_len:, :k_len]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
 
 
 def _is_dynamic(cache: Any) -> bool:
@@ -193,7 +183,7 @@ class DMSAttention(DynamicModule):
                 attention_mask,
                 self.scaling,
                 cfg.window_size,
-                kv_scales=self._dms_kv_storage_scales(),
+                kv_scales=self._dms_kv_storage_scales,  # read once, when the layer starts
             )
         elif self.training:
             out = self._training_attention(query, key, value, logits, attention_mask, past_key_values)
@@ -221,7 +211,7 @@ class DMSAttention(DynamicModule):
                     attention_mask,
                     self.scaling,
                     self.dms_config.window_size,
-                    kv_scales=self._dms_kv_storage_scales(),
+                    kv_scales=self._dms_kv_storage_scales,  # read once, when the layer starts
                 )
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
             key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
@@ -254,7 +244,7 @@ class DMSAttention(DynamicModule):
         self._record(hard)
         valid = diagonal_validity(attention_mask, query.shape[2], 0, query.shape[0])
         bias = soft_eviction_bias(z, cfg.window_size, None if valid is None or valid.all() else valid)
-        mask = _dense_visibility_from_hf_mask(attention_mask, query.shape[2], key.shape[2])
+        mask = dense_visibility(attention_mask, query.shape[0], query.shape[2], key.shape[2])
         return grouped_attention(query, key, value, self.scaling, mask=mask, bias=bias)
 
     def _hard_masked_attention(self, query, key, value, logits, attention_mask, past_key_values):
@@ -282,7 +272,7 @@ class DMSAttention(DynamicModule):
         q_pos = torch.arange(k_len - q_len, k_len, device=query.device)
         window = self.dms_config.window_size
         visible = hard_visibility(decisions, window, q_pos, None if valid.all() else valid)
-        hf_mask = _dense_visibility_from_hf_mask(attention_mask, q_len, k_len)
+        hf_mask = dense_visibility(attention_mask, bsz, q_len, k_len)
         if hf_mask is not None:
             visible = visible & hf_mask
         return grouped_attention(query, key, value, self.scaling, mask=visible)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "dense_visibility",
     "diagonal_validity",
     "shift_to_next_real",
     "hard_visibility",
@@ -137,14 +138,49 @@ def grouped_attention(
     return out.reshape(bsz, num_q_heads, q_len, head_dim).transpose(1, 2)
 
 
-def diagonal_validity(mask: torch.Tensor | None, q_len: int, past: int, bsz: int) -> torch.Tensor | None:
-    """Which of the ``q_len`` new tokens are real, read off the model's 4D mask.
+def _is_block_mask(mask: object) -> bool:
+    return type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod")
+
+
+def _block_mask_entries(mask, b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Evaluate a flex ``BlockMask``'s ``mask_mod`` on broadcastable index tensors (head 0)."""
+    return mask.mask_mod(b, torch.zeros_like(b), q, kv).bool()
+
+
+def dense_visibility(mask, bsz: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """The mask transformers passes to attention as a boolean ``(B, 1, q_len, k_len)`` (True = visible).
+
+    Accepts a 4D bool/float mask (eager, sdpa), a 2D padding mask (``(B, k_len)``, 1 = real: the
+    flash-attention convention; only key padding is expressed, causality comes from the caller)
+    and a flex-attention ``BlockMask`` (its ``mask_mod`` is evaluated). ``None`` stays ``None``.
+    """
+    if mask is None:
+        return None
+    if _is_block_mask(mask):
+        device = mask.kv_indices.device
+        b = torch.arange(bsz, device=device)[:, None, None, None]
+        q = torch.arange(q_len, device=device)[None, None, :, None]
+        kv = torch.arange(k_len, device=device)[None, None, None, :]
+        return _block_mask_entries(mask, b, q, kv)
+    if mask.dim() == 2:
+        return mask[:, None, None, -k_len:].bool()
+    mask = mask[..., -q_len:, :k_len]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def diagonal_validity(mask, q_len: int, past: int, bsz: int) -> torch.Tensor | None:
+    """Which of the ``q_len`` new tokens are real, read off the model's mask (4D, 2D or BlockMask).
 
     A real token always sees itself, so its diagonal entry is visible; a padding query sees
     nothing. Works with padding anywhere and with sliding-window masks. ``None`` if no mask.
     """
     if mask is None:
         return None
+    if _is_block_mask(mask):
+        device = mask.kv_indices.device
+        b = torch.arange(bsz, device=device)[:, None]
+        q = torch.arange(q_len, device=device)[None, :]
+        return _block_mask_entries(mask, b, q, past + q).expand(bsz, q_len)
     if mask.dim() == 2:
         return mask[:, -q_len:].bool()
     rows = mask[:, 0, -q_len:, :]
