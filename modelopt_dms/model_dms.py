@@ -132,12 +132,13 @@ def set_step(model: nn.Module, step: int) -> None:
 def collect_decisions(model: nn.Module) -> dict[int, torch.Tensor]:
     """Hard decisions ``(B, Hkv, T)`` of the last forward per layer index.
 
-    In training mode they carry the straight-through gradient the compression loss needs.
+    Float 0/1; in training mode they carry the straight-through gradient the compression loss needs.
     """
     out = {}
     for m in _require(model):
-        if m.dms_switches.last_decisions is not None:
-            out[int(m.layer_idx)] = m.dms_switches.last_decisions
+        d = m.dms_switches.last_decisions
+        if d is not None:
+            out[int(m.layer_idx)] = d if d.is_floating_point() else d.float()
     return out
 
 

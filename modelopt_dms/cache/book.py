@@ -102,27 +102,44 @@ class RowBook:
         self.flag.scatter_(-1, prev, new)
 
     # ------------------------------------------------------------------ decode
-    def plan_decode(self, decisions: torch.Tensor, real: torch.Tensor) -> DecodePlan:
-        """One token per row. ``decisions``: (B, H) bool ``d_t``; ``real``: (B,) bool.
+    def plan_decode(self, decisions: torch.Tensor, real: torch.Tensor | None) -> DecodePlan:
+        """One token per row. ``decisions``: (B, H) bool ``d_t``; ``real``: (B,) bool (None: all).
 
         The token leaving the window (position ``t - W``, whose slot is ``ring[t % W]``) gives up
-        its slot if flagged; otherwise the new token is appended. Requires ``capacity >=
-        max_length_bound + 1`` (the caller ensures it).
+        its slot if flagged; otherwise the new token is appended. The first decision settles the
+        pending flag of token ``t - 1`` (slot ``ring[(t - 1) % W]``). Requires ``capacity >=
+        max_length_bound + 1`` (the caller ensures it). Written for few, batched ops.
         """
         t = self.seen
-        self.settle_pending(decisions, real)
-        leave = self._ring_at(t)  # slot of token t - W (valid once t >= W)
-        leaving = (t >= self.big_w)[:, None] & (leave >= 0)
-        reuse = leaving & self.flag.gather(-1, leave.clamp_min(0)[..., None]).squeeze(-1) & real[:, None]
-        slot = torch.where(reuse, leave, self.length)  # rows without a token: the first free slot
-        slot_idx = slot[..., None]
-        self.pos.scatter_(-1, slot_idx, t[:, None, None].expand(-1, self.heads, 1))
-        self.flag.scatter_(-1, slot_idx, torch.zeros_like(slot_idx, dtype=torch.bool))
-        ring_idx = (t % self.big_w)[:, None, None].expand(-1, self.heads, 1)
-        old_ring = self.ring.gather(-1, ring_idx)
-        self.ring.scatter_(-1, ring_idx, torch.where(real[:, None, None], slot_idx, old_ring))
-        self.length = self.length + (real[:, None] & ~reuse).long()
-        self.seen = self.seen + real.long()
+        heads = self.heads
+        ring_idx = torch.stack([(t - 1) % self.big_w, t % self.big_w], dim=-1)  # (B, 2)
+        ring_idx = ring_idx[:, None, :].expand(-1, heads, 2)
+        prev_leave = self.ring.gather(-1, ring_idx)  # (B, H, 2): slots of t - 1 and of t - W
+        ok = (prev_leave >= 0) & torch.stack([t >= 1, t >= self.big_w], dim=-1)[:, None, :]
+        if real is not None:
+            ok = ok & real[:, None, None]
+        slots2 = prev_leave.clamp_min(0)
+        flags2 = self.flag.gather(-1, slots2)  # (B, H, 2)
+        prev_flag = torch.where(ok[..., 0], decisions, flags2[..., 0])  # settled d_t for t - 1
+        leave_slot = slots2[..., 1]
+        # the leaving token is t - W >= 1 behind, never t - 1: its flag is already settled
+        reuse = ok[..., 1] & flags2[..., 1]
+        slot = torch.where(reuse, leave_slot, self.length)  # rows without a token: the first free slot
+        # one scatter sets both flags: t - 1 settled, the new token pending (False); without a
+        # settled t - 1 both writes go to the new slot with the same value (no write conflict)
+        pending = torch.zeros_like(reuse)
+        prev_slot = torch.where(ok[..., 0], slots2[..., 0], slot)
+        prev_flag = torch.where(ok[..., 0], prev_flag, pending)
+        self.flag.scatter_(-1, torch.stack([prev_slot, slot], -1), torch.stack([prev_flag, pending], -1))
+        self.pos.scatter_(-1, slot[..., None], t[:, None, None].expand(-1, heads, 1))
+        new_ring = slot if real is None else torch.where(real[:, None], slot, prev_leave[..., 1])
+        self.ring.scatter_(-1, ring_idx[..., 1:], new_ring[..., None])
+        if real is None:
+            self.length = self.length + ~reuse
+            self.seen = self.seen + 1
+        else:
+            self.length = self.length + (~reuse & real[:, None])
+            self.seen = self.seen + real
         self.max_length_bound += 1
         return DecodePlan(slot=slot, real=real)
 

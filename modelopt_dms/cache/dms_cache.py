@@ -244,12 +244,10 @@ class DMSCache(Cache):
         if not isinstance(layer, DMSLayerAdapter):
             raise RuntimeError(f"layer {layer_idx} of this DMSCache already holds dense keys/values")
         bsz, _, q_len, _ = query.shape
-        real = diagonal_validity(attention_mask, q_len, layer.dms.logical, bsz)
-        if real is None:
-            real = torch.ones(bsz, q_len, dtype=torch.bool, device=query.device)
+        real = diagonal_validity(attention_mask, q_len, layer.dms.logical, bsz)  # None: all real
         if layer.dms.book is None and callable(kv_scales):
             kv_scales = kv_scales()
-        out = layer.dms.attend(query, key, value, decisions.bool(), real.bool(), scaling, kv_scales)
+        out = layer.dms.attend(query, key, value, decisions.bool(), real, scaling, kv_scales)
         return out.transpose(1, 2)
 
     # ------------------------------------------------------------------ memory and inspection

@@ -29,8 +29,13 @@ def _fold(query: torch.Tensor, heads: int) -> torch.Tensor:
     return query.reshape(bsz * heads, hq // heads, m, d)
 
 
-def sdpa_parts(query: torch.Tensor, parts: list[Part], scaling: float) -> torch.Tensor:
-    """One fused SDPA over the concatenated parts; returns ``(B, Hq, m, D)``."""
+def sdpa_parts(
+    query: torch.Tensor, parts: list[Part], scaling: float, non_empty: bool = False
+) -> torch.Tensor:
+    """One fused SDPA over the concatenated parts; returns ``(B, Hq, m, D)``.
+
+    ``non_empty``: the caller guarantees every query row sees at least one key (skips the guard).
+    """
     bsz, hq, m, d = query.shape
     heads = parts[0][0].shape[1]
     group = hq // heads
@@ -41,17 +46,20 @@ def sdpa_parts(query: torch.Tensor, parts: list[Part], scaling: float) -> torch.
         values = torch.cat([p[1] for p in parts], dim=2)
         mask = torch.cat([p[2] for p in parts], dim=-1)
     n = keys.shape[2]
-    seen_any = mask.any(-1, keepdim=True)  # (B, H, m, 1)
     if n == 0:
         return query.new_zeros(query.shape)
-    first = torch.zeros_like(mask)
-    first[..., 0] = True
-    mask = mask | (first & ~seen_any)  # rows that see nothing: a dummy key, zeroed below
+    seen_any = None
+    if not non_empty:
+        seen_any = mask.any(-1, keepdim=True)  # (B, H, m, 1)
+        first = torch.zeros_like(mask)
+        first[..., 0] = True
+        mask = mask | (first & ~seen_any)  # rows that see nothing: a dummy key, zeroed below
     q = _fold(query, heads)
     k = keys.reshape(bsz * heads, 1, n, d).expand(-1, group, -1, -1)
     v = values.reshape(bsz * heads, 1, n, values.shape[-1]).expand(-1, group, -1, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(bsz * heads, 1, m, n), scale=scaling)
-    out = out * seen_any.reshape(bsz * heads, 1, m, 1).to(out.dtype)
+    if seen_any is not None:
+        out = out * seen_any.reshape(bsz * heads, 1, m, 1).to(out.dtype)
     return out.reshape(bsz, hq, m, -1)
 
 

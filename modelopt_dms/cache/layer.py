@@ -109,7 +109,11 @@ class DMSCacheLayer:
         m = query.shape[2]
         self.logical += m
         if m == 1:
-            return self._decode(query, key, value, decisions[..., 0], real[:, 0], scaling)
+            return self._decode(
+                query, key, value, decisions[..., 0], None if real is None else real[:, 0], scaling
+            )
+        if real is None:
+            real = torch.ones(query.shape[0], m, dtype=torch.bool, device=query.device)
         chunk = self.prefill_chunk_size or m
         outs = []
         for start in range(0, m, chunk):
@@ -129,9 +133,23 @@ class DMSCacheLayer:
         kv.prepare_decode(book.length)
         plan = book.plan_decode(decision, real)
         kv.write(plan.slot[..., None], key, value)
-        slots = torch.arange(book.capacity, device=key.device)
-        mask = (slots < book.length[..., None])[:, :, None, :] & real[:, None, None, None]
-        return self._attend_stored(query, mask, [], scaling)
+        slots = self._slot_ids()
+        # every stored slot is visible to the new token (flagged ones left when their slot was
+        # reused); slot 0 keeps the mask of a row without tokens non-empty (its output is zeroed)
+        mask = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
+        if kv.codec.fp8:
+            out = self._attend_stored(query, mask, [], scaling)
+        else:
+            keys, values = kv.read(0, book.capacity, query.dtype)
+            out = sdpa_parts(query, [(keys, values, mask)], scaling, non_empty=True)
+        return out if real is None else out * real[:, None, None, None].to(out.dtype)
+
+    def _slot_ids(self) -> torch.Tensor:
+        """``arange(capacity)`` on the layer's device, kept until the capacity changes."""
+        cap = self.book.capacity
+        if getattr(self, "_slots", None) is None or self._slots.shape[0] != cap:
+            self._slots = torch.arange(cap, device=self.book.length.device)
+        return self._slots
 
     def _chunk(self, query, key, value, decisions, real, scaling) -> torch.Tensor:
         book, w = self.book, self.window
@@ -141,7 +159,7 @@ class DMSCacheLayer:
         # stored slots: used, and not (flagged and more than w behind the query)
         cap = book.capacity
         if cap:
-            slots = torch.arange(cap, device=key.device)
+            slots = self._slot_ids()
             used = (slots < book.length[..., None])[:, :, None, :]  # (B, H, 1, C)
             far = (q_pos[:, None, :, None] - book.pos[:, :, None, :]) > w  # (B, H, m, C)
             past_mask = used & ~(book.flag[:, :, None, :] & far) & real[:, None, :, None]

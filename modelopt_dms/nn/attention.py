@@ -173,7 +173,7 @@ class DMSAttention(DynamicModule):
             )
         elif getattr(past_key_values, "is_dms_cache", False):
             decisions = logits > 0
-            self._record(decisions.float())
+            self._record(decisions)  # bool; collect_decisions returns floats
             out = past_key_values.dms_attend(
                 self.layer_idx,
                 query,
@@ -254,7 +254,7 @@ class DMSAttention(DynamicModule):
                 "(generate's default), a DynamicCache (the masked reference) or no cache."
             )
         decisions = logits > 0
-        self._record(decisions.float())
+        self._record(decisions)
         bsz, _, q_len, _ = query.shape
         past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         valid = diagonal_validity(attention_mask, q_len, past_len, bsz)
