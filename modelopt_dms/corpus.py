@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SPLIT_SEED",
     "MIN_DOC_CHARS",
     "PYTHON_DOCS_GLOB",
+    "build_documents",
     "build_token_sequences",
     "read_text_files",
     "split_token_stream",
@@ -110,6 +111,20 @@ def build_token_sequences(
     out = torch.tensor(seqs, dtype=torch.long)
     if path:
         atomic_save_safetensors({"input_ids": out}, path)
+    return out
+
+
+def build_documents(
+    tokenizer,
+    pattern: str,
+    split: str = "train",
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    seed: int = DEFAULT_SPLIT_SEED,
+) -> list[list[int]]:
+    """Every document of one split, tokenised whole (in a seeded order), for packing."""
+    docs = _split(read_text_files(pattern), heldout_fraction, seed)[split]
+    out = [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in docs]
+    random.Random(seed + 1).shuffle(out)
     return out
 
 

@@ -121,12 +121,18 @@ def fixed_eviction(model: nn.Module, keep_every: int) -> Iterator[nn.Module]:
         yield model
 
 
-def set_step(model: nn.Module, step: int) -> None:
-    """Set the training step that seeds the logistic noise (deterministic per step and layer)."""
+def set_step(model: nn.Module, step: int, rows: torch.Tensor | None = None) -> None:
+    """Set the training step (and the global ids of the batch rows) that seed the logistic noise.
+
+    The noise of an element is a function of (noise seed, step, layer, row id, head, position):
+    deterministic, and independent of how rows are spread over ranks and accumulation steps.
+    ``rows`` defaults to ``0..B-1``.
+    """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     for m in _require(model):
         m.dms_switches.step = int(step)
+        m.dms_switches.rows = rows
 
 
 def collect_decisions(model: nn.Module) -> dict[int, torch.Tensor]:

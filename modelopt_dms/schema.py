@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["ModelSection", "RecipeError", "Section", "format_validation_error", "load_yaml_recipe"]
 
@@ -33,10 +33,16 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    """Which model to load (``modelopt_dms.load_model``: a known name, a local HF folder or a .gguf)."""
+    """Which model to load, in which dtype, on which device.
+
+    ``name_or_path`` goes to ``modelopt_dms.load_model`` (a known name, a local HF folder or a
+    .gguf); ``device`` ``auto`` is CUDA when available (under torchrun each rank takes
+    ``cuda:LOCAL_RANK``).
+    """
 
     name_or_path: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ from conftest import tiny_model
 
 import modelopt_dms as dms
 import modelopt_dms.nn.attention as dms_attention
-from modelopt_dms.nn.decisions import logistic_noise
+from modelopt_dms.nn.decisions import row_noise
 
 NEG_INF = float("-inf")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -136,7 +136,7 @@ def reference_layer(layer, residual, position_ids, cfg, *, mode, step=0, pad=Non
 
     if mode == "train":
         seed = (cfg["noise_seed"] * 1_000_003 + step) * 4099 + int(attn.layer_idx)
-        noise = logistic_noise((bsz, hkv, t), seed).double()
+        noise = row_noise(seed, torch.arange(bsz), hkv, t).double()
         z = (logits + noise) / cfg["temperature"]
         if cfg["granularity"] == "layer":
             z = z[:, :1].expand(-1, hkv, -1)
@@ -311,9 +311,7 @@ def test_incremental_eval_with_dynamic_cache_equals_full_forward():
 
 # --------------------------------------------------------------------------- tau -> 0
 def test_training_forward_tends_to_eval_forward_as_tau_goes_to_zero(monkeypatch):
-    monkeypatch.setattr(
-        dms_attention, "logistic_noise", lambda shape, seed, device="cpu": torch.zeros(shape, device=device)
-    )
+    monkeypatch.setattr(dms_attention, "row_noise", lambda seed, rows, h, t: torch.zeros(rows.shape[0], h, t))
     model = convert("qwen3", window_size=2, temperature=1e-6)
     randomize_adapters(model, seed=6)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))

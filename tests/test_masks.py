@@ -283,3 +283,21 @@ def test_logistic_noise_deterministic_and_logistic():
     assert float(n.var()) == pytest.approx(math.pi**2 / 3, rel=0.02)
     # the init eviction probability: P(g > 5) = sigmoid(-5) ~ 0.0067 (std 8e-5 at 1e6 samples)
     assert float((n > 5).double().mean()) == pytest.approx(1 / (1 + math.exp(5)), abs=6e-4)
+
+
+def test_row_noise_is_a_function_of_the_row_id_and_standard_logistic():
+    from modelopt_dms.nn.decisions import row_noise
+
+    rows = torch.tensor([5, 9, 5])
+    a = row_noise(11, rows, 3, 40)
+    assert a.shape == (3, 3, 40) and a.dtype == torch.float32
+    assert torch.equal(a[0], a[2]), "the same row id draws the same noise in any batch position"
+    assert not torch.equal(a[0], a[1])
+    assert torch.equal(row_noise(11, rows[1:2], 3, 40)[0], a[1]), "independent of the batch it is in"
+    assert not torch.equal(row_noise(12, rows, 3, 40), a)
+    n = row_noise(3, torch.arange(1000), 10, 100).double().flatten()  # 1e6 samples
+    assert torch.isfinite(n).all()
+    assert abs(float(n.mean())) < 0.02
+    assert float(n.var()) == pytest.approx(math.pi**2 / 3, rel=0.02)
+    for q in (-2.0, 0.0, 1.0, 5.0):
+        assert float((n <= q).double().mean()) == pytest.approx(1 / (1 + math.exp(-q)), abs=2e-3)

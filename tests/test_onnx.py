@@ -229,3 +229,37 @@ def test_driver_checks_arguments(tmp_path_factory):
     gen.step(np.zeros((1, 3), np.int64))
     with pytest.raises(ValueError, match="batch"):
         gen.step(np.zeros((2, 1), np.int64))
+
+
+def test_driver_binds_the_cache_tensors_in_place_and_shares_the_torch_bookkeeping(tmp_path_factory):
+    """The graph reads each layer's own storage (no per-step copy of the cache), and the driver's
+    cache is the PyTorch cache layer (the same batched bookkeeping, no per-row Python loop)."""
+    from modelopt_dms.cache.layer import DMSCacheLayer
+
+    _, path = exported(tmp_path_factory, "llama")
+    gen = OnnxDMSGenerator(path, prefill_chunk_size=4)
+    gen.generate(prompt(9, batch=3), max_new_tokens=5)
+    for i, layer in enumerate(gen._layers):
+        assert isinstance(layer, DMSCacheLayer)
+        past = gen._past(i, layer)
+        assert past[f"past_key_{i}"] is layer.kv.k and past[f"past_value_{i}"] is layer.kv.v
+        assert past[f"past_pos_{i}"] is layer.book.pos and past[f"past_flag_{i}"] is layer.book.flag
+    bound = []
+    real_bind = type(gen.session.io_binding()).bind_input
+
+    def spy(self, name, device, device_id, element_type, shape, ptr):
+        bound.append((name, ptr))
+        return real_bind(self, name, device, device_id, element_type, shape, ptr)
+
+    import onnxruntime as ort
+
+    ort.IOBinding.bind_input, saved = spy, ort.IOBinding.bind_input
+    try:
+        gen.step(np.ones((3, 1), np.int64))
+    finally:
+        ort.IOBinding.bind_input = saved
+    ptrs = dict(bound)
+    assert any(name.startswith("past_key_") for name in ptrs), "the cache must be bound by address"
+    for i, layer in enumerate(gen._layers):
+        if f"past_key_{i}" in ptrs:
+            assert ptrs[f"past_key_{i}"] == layer.kv.k.data_ptr()

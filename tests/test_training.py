@@ -427,7 +427,9 @@ def test_resume_after_kill_between_checkpoint_renames(tmp_path, monkeypatch):
 
     seen = []
     real_set_step = trainer_mod.set_step
-    monkeypatch.setattr(trainer_mod, "set_step", lambda m, s: (seen.append(s), real_set_step(m, s)))
+    monkeypatch.setattr(
+        trainer_mod, "set_step", lambda m, s, rows=None: (seen.append(s), real_set_step(m, s, rows=rows))
+    )
     model2, _ = build()
     hist = train(
         model2,
@@ -492,14 +494,14 @@ def test_nan_weight_raises_diverged_and_last_checkpoint_loads(tmp_path, monkeypa
 def test_inf_kl_raises_diverged_and_last_checkpoint_loads(tmp_path, monkeypatch):
     model, seqs = build()
     calls = []
-    real_kl = trainer_mod.distillation_kl
+    real_kl = trainer_mod.fused_head_kl  # the trainer's default KL
 
     def kl_blows_up(*args, **kwargs):
         calls.append(1)
         out = real_kl(*args, **kwargs)
         return out + float("inf") if len(calls) > 5 else out  # the 6th step (index 5) diverges
 
-    monkeypatch.setattr(trainer_mod, "distillation_kl", kl_blows_up)
+    monkeypatch.setattr(trainer_mod, "fused_head_kl", kl_blows_up)
     cfg = TrainConfig(steps=10, lr=3e-3, batch_size=2, checkpoint_every=3)
     with pytest.raises(TrainingDivergedError, match="step 5"):
         train(model, seqs, cfg, str(tmp_path), progress=False)
@@ -555,7 +557,7 @@ def test_data_parallel_two_processes_equals_grad_accum(tmp_path):
 def test_fsdp_two_processes_equals_grad_accum_and_resumes(tmp_path):
     """FSDP2 over 2 gloo processes: same curve and adapters as 1 process with 2x accumulation;
     each rank holds half of the parameters; a sharded checkpoint resumes the same run."""
-    common = ["--batch-size", "2", "--checkpoint-every", "4"]
+    common = ["--batch-size", "2", "--checkpoint-every", "4", "--unfused-kl"]  # FSDP's KL path in both
 
     def torchrun(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

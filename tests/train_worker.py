@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep at the start of each step")
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
+    ap.add_argument("--unfused-kl", action="store_true", help="full logits + chunked KL (what FSDP uses)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sleep > 0:
         real_set_step = trainer_mod.set_step
 
-        def slow_set_step(model, step):
+        def slow_set_step(model, step, rows=None):
             time.sleep(args.sleep)
-            real_set_step(model, step)
+            real_set_step(model, step, rows=rows)
 
         trainer_mod.set_step = slow_set_step
 
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         anneal_steps=args.anneal_steps,
         checkpoint_every=args.checkpoint_every,
         fsdp=args.fsdp,
+        fused_kl=not args.unfused_kl,
     )
     history = trainer_mod.train(model, seqs, cfg, args.out, resume=not args.no_resume, progress=False)
     if rank == 0:

@@ -57,6 +57,14 @@ class DMSCacheLayer:
         else:
             self.kv = BlockedKV(bsz, heads, dim, codec, key.device)
 
+    def init_storage(self, key_like: torch.Tensor, kv_scales: tuple[float, float] | None = None) -> None:
+        """Set the layer up for ``key_like``'s batch, heads, head dim, dtype and device.
+
+        Leaves room for one token per row (for drivers that bind the storage before the first token).
+        """
+        self._init(key_like, kv_scales)
+        self._ensure(1)
+
     @property
     def granule(self) -> int:
         """Capacity step: a block (blocked layout) or a page (paged layout)."""
@@ -127,10 +135,7 @@ class DMSCacheLayer:
 
     def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
         book, kv = self.book, self.kv
-        if book.max_length_bound + 1 > book.capacity:  # may need room: learn the exact longest row
-            book.refresh_bound()
-            self._ensure(book.max_length_bound + 1)
-        kv.prepare_decode(book.length)
+        self._ensure_decode()
         plan = book.plan_decode(decision, real)
         kv.write(plan.slot[..., None], key, value)
         slots = self._slot_ids()
@@ -172,11 +177,52 @@ class DMSCacheLayer:
         causal = (diff >= 0) & real[:, None, :] & real[:, :, None]
         new_mask = causal[:, None] & ~(new_flag[:, :, None, :] & (diff[:, None] > w))
         out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling)
-        plan = book.plan_chunk(decisions, real, self._ensure)
+        self._store_chunk(key, value, decisions, real)
+        return out
+
+    def _store_chunk(self, key, value, decisions, real) -> None:
+        plan = self.book.plan_chunk(decisions, real, self._ensure)
         self.kv.write(plan.dest, key, value)
         self.kv.move(plan.move_src, plan.move_dst)
         self._fit()
-        return out
+
+    def store(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        decisions: torch.Tensor,
+        real: torch.Tensor | None,
+        kv_scales: tuple[float, float] | None = None,
+    ) -> None:
+        """Store new tokens whose attention ran elsewhere (an exported step graph).
+
+        The same bookkeeping as :meth:`attend`, without the attention.
+        """
+        if self.book is None:
+            self._init(key, kv_scales)
+        m = key.shape[2]
+        self.logical += m
+        if m == 1:
+            self._ensure_decode()
+            plan = self.book.plan_decode(decisions[..., 0], None if real is None else real[:, 0])
+            self.kv.write(plan.slot[..., None], key, value)
+            return
+        if real is None:
+            real = torch.ones(key.shape[0], m, dtype=torch.bool, device=key.device)
+        self.book.settle_pending(*self._first_decision(decisions, real))
+        self._store_chunk(key, value, decisions, real)
+
+    def _first_decision(self, decisions, real):
+        first_decision, _ = self.book.chunk_flags(decisions, real)
+        return first_decision, real.any(-1)
+
+    def _ensure_decode(self) -> None:
+        """Before a decode step: room for one more slot per row (a host read only when it may grow)."""
+        book = self.book
+        if book.max_length_bound + 1 > book.capacity:
+            book.refresh_bound()
+            self._ensure(book.max_length_bound + 1)
+        self.kv.prepare_decode(book.length)
 
     def _attend_stored(self, query, stored_mask, extra, scaling) -> torch.Tensor:
         """Attention over the stored slots (with ``stored_mask``) plus ``extra`` parts."""

@@ -1,16 +1,16 @@
-"""Greedy generation on ONNX Runtime with a compact DMS KV cache kept in numpy.
+"""Greedy generation on ONNX Runtime with a compact DMS KV cache.
 
 :class:`OnnxDMSGenerator` drives the step graph written by :func:`modelopt_dms.export.onnx.export_onnx`.
-It owns the cache and follows docs/design.md §2:
+The cache is the same per-layer bookkeeping as the PyTorch :class:`~modelopt_dms.DMSCache`
+(:class:`~modelopt_dms.cache.layer.DMSCacheLayer`, docs/design.md §2), batched over rows and KV heads
+with no Python loop over them: after each graph call the layer stores the new tokens (the first new
+decision settles the pending flag, a decode step reuses the slot of the flagged token leaving the
+window, a prefill chunk compacts only the window and the chunk).
 
-* per (layer, batch row, KV head) a row of slots holding only the kept tokens (key and value after RoPE,
-  position, eviction flag); used slots are ``0..n-1`` of the row, slot order does not matter;
-* after each graph call the row stores its new tokens, sets the pending flag of its previous newest
-  token from the first new decision, gives each new token the decision of its successor (the newest
-  stays pending) and evicts flagged tokens that left the window (``pos <= newest - W``, ``W = w + 1``);
-* a decode step reuses the slot of the flagged token leaving the window in place, otherwise appends;
-  a multi-token step (prefill chunk) compacts the row;
-* graph inputs pad each layer's rows to the longest row of that layer (``past_valid`` marks used slots).
+The graph's past inputs are the layer's own tensors, bound in place through ONNX Runtime I/O
+binding (keys/values ``(B, Hkv, C, D)``, positions, flags; ``past_valid`` marks used slots and
+``past_last`` the newest token's slot), and its outputs are bound into ONNX Runtime-owned buffers
+read without copies, so no step copies a layer's whole cache into new arrays.
 
 Prefill may be chunked (the pending flag is carried from chunk to chunk), batches may hold prompts of
 different lengths (short rows are padded at the end with positions no real query can see), and a later
@@ -28,10 +28,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from ..cache.layer import DMSCacheLayer
 
 __all__ = ["GenerationResult", "OnnxDMSGenerator"]
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float64): torch.float64,
+}
+_NUMPY = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.bool: np.bool_,
+}
 
 
 @dataclass
@@ -58,85 +73,6 @@ class GenerationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _LayerState:
-    """One layer's slots: ``(B, Hkv, capacity, ...)`` arrays, ``n`` used slots, pending slot per row."""
-
-    def __init__(self, batch: int, num_kv: int, head_dim: int, dtype: np.dtype) -> None:
-        self.k = np.zeros((batch, num_kv, 0, head_dim), dtype)
-        self.v = np.zeros((batch, num_kv, 0, head_dim), dtype)
-        self.pos = np.zeros((batch, num_kv, 0), np.int64)
-        self.flag = np.zeros((batch, num_kv, 0), bool)
-        self.n = np.zeros((batch, num_kv), np.int64)
-        self.last = np.full((batch, num_kv), -1, np.int64)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def reserve(self, needed: int) -> None:
-        """Grow every row's storage to at least ``needed`` slots (geometric growth)."""
-        if needed <= self.capacity:
-            return
-        cap = max(needed, 2 * self.capacity, 16)
-
-        def grow(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((*a.shape[:2], cap, *a.shape[3:]), a.dtype)
-            out[:, :, : a.shape[2]] = a
-            return out
-
-        self.k, self.v, self.pos, self.flag = grow(self.k), grow(self.v), grow(self.pos), grow(self.flag)
-
-    def feeds(self, i: int) -> dict[str, np.ndarray]:
-        """Graph inputs of layer ``i``: rows padded to the longest row of the layer."""
-        width = int(self.n.max()) if self.n.size else 0
-        slots = np.arange(width)
-        return {
-            f"past_key_{i}": np.ascontiguousarray(self.k[:, :, :width]),
-            f"past_value_{i}": np.ascontiguousarray(self.v[:, :, :width]),
-            f"past_pos_{i}": np.ascontiguousarray(self.pos[:, :, :width]),
-            f"past_flag_{i}": np.ascontiguousarray(self.flag[:, :, :width]),
-            f"past_valid_{i}": slots[None, None, :] < self.n[:, :, None],
-            f"past_last_{i}": slots[None, None, :] == self.last[:, :, None],
-        }
-
-    def store(self, b: int, h: int, k_new, v_new, d_new, t0: int, big_w: int) -> None:
-        """Store ``m`` new tokens (positions ``t0..t0+m-1``) of row ``(b, h)`` with delayed eviction."""
-        m = k_new.shape[0]
-        if m == 0:
-            return
-        n = int(self.n[b, h])
-        last = int(self.last[b, h])
-        if last >= 0:  # the first new decision settles the previous newest token's flag
-            self.flag[b, h, last] = bool(d_new[0])
-        if m == 1:
-            slot = -1
-            leaving = t0 - big_w  # the only token that leaves the window on a one-token step
-            if leaving >= 0:
-                hit = np.flatnonzero(self.pos[b, h, :n] == leaving)
-                if hit.size and self.flag[b, h, hit[0]]:
-                    slot = int(hit[0])  # delayed eviction: reuse the slot in place
-            if slot < 0:
-                self.reserve(n + 1)
-                slot, n = n, n + 1
-            self.k[b, h, slot], self.v[b, h, slot] = k_new[0], v_new[0]
-            self.pos[b, h, slot], self.flag[b, h, slot] = t0, False
-            self.n[b, h], self.last[b, h] = n, slot
-            return
-        new_pos = np.arange(t0, t0 + m, dtype=np.int64)
-        new_flag = np.concatenate([np.asarray(d_new[1:], bool), [False]])
-        pos = np.concatenate([self.pos[b, h, :n], new_pos])
-        flag = np.concatenate([self.flag[b, h, :n], new_flag])
-        keys = np.concatenate([self.k[b, h, :n], k_new])
-        vals = np.concatenate([self.v[b, h, :n], v_new])
-        newest = t0 + m - 1
-        kept = np.flatnonzero((pos > newest - big_w) | ~flag)  # window, and unflagged older tokens
-        cnt = kept.size
-        self.reserve(cnt)
-        self.k[b, h, :cnt], self.v[b, h, :cnt] = keys[kept], vals[kept]
-        self.pos[b, h, :cnt], self.flag[b, h, :cnt] = pos[kept], flag[kept]
-        self.n[b, h], self.last[b, h] = cnt, cnt - 1  # the newest token is kept and is the last one
-
-
 class OnnxDMSGenerator:
     """Greedy DMS generation with ONNX Runtime and a compact, self-managed KV cache.
 
@@ -147,6 +83,7 @@ class OnnxDMSGenerator:
         providers: ONNX Runtime execution providers (default CPU).
         prefill_chunk_size: feed prompts in chunks of this many tokens (``None``: one call).
         session_options: optional ``onnxruntime.SessionOptions``.
+        block_size: capacity step of the cache storage, in tokens.
 
     """
 
@@ -159,6 +96,7 @@ class OnnxDMSGenerator:
         providers: Sequence[str] | None = None,
         prefill_chunk_size: int | None = None,
         session_options: Any = None,
+        block_size: int = 64,
     ) -> None:
         import onnxruntime as ort
 
@@ -188,6 +126,7 @@ class OnnxDMSGenerator:
             json.loads(meta["dms_layers"]) if "dms_layers" in meta else list(range(self.num_layers))
         )
         self.prefill_chunk_size = prefill_chunk_size
+        self.block_size = block_size
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = set(inputs)
         self.reset()
@@ -195,7 +134,7 @@ class OnnxDMSGenerator:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget every sequence (the next call starts new ones)."""
-        self._layers: list[_LayerState] | None = None
+        self._layers: list[DMSCacheLayer] | None = None
         self._seen: np.ndarray | None = None
         self._unfed: np.ndarray | None = None
 
@@ -205,16 +144,22 @@ class OnnxDMSGenerator:
         return None if self._seen is None else int(self._seen.shape[0])
 
     def _init_state(self, batch: int) -> None:
-        self._layers = [
-            _LayerState(batch, self.num_kv_heads, self.head_dim, self.dtype) for _ in range(self.num_layers)
-        ]
+        # Unconverted layers store like DMS layers whose decisions are all False: they keep everything.
+        like = torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=_TORCH[self.dtype])
+        self._layers = []
+        for _ in range(self.num_layers):
+            layer = DMSCacheLayer(
+                self.window_size, "blocked", block_size=self.block_size, prefill_chunk_size=None
+            )
+            layer.init_storage(like)
+            self._layers.append(layer)
         self._seen = np.zeros(batch, np.int64)
 
     def stats(self) -> dict[str, Any]:
         """Token and byte accounting of the cache (DMS layers), like :func:`modelopt_dms.cache_stats`."""
         if self._layers is None:
             raise ValueError("No sequence yet: call step() or generate() first.")
-        kept = np.stack([self._layers[i].n for i in self.dms_layers]).astype(np.int64)
+        kept = np.stack([self._layers[i].book.length.numpy() for i in self.dms_layers]).astype(np.int64)
         seen = np.broadcast_to(self._seen[None, :, None], kept.shape).astype(np.int64)
         per_token = 2 * self.head_dim * self.dtype.itemsize
         total_kept = int(kept.sum())
@@ -254,20 +199,52 @@ class OnnxDMSGenerator:
         positions = np.where(
             offsets[None] < lens[:, None], seen[:, None] + offsets[None], pad_base + offsets[None]
         )
-        feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": positions}
+        binding = self.session.io_binding()
+        keep_alive = [torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(positions)]
+        self._bind(binding, "input_ids", keep_alive[0])
+        self._bind(binding, "position_ids", keep_alive[1])
         for i, layer in enumerate(self._layers):
-            feeds.update(layer.feeds(i))
-        feeds = {k: v for k, v in feeds.items() if k in self._input_names}  # exporters prune unread inputs
-        outs = dict(zip(self._output_names, self.session.run(self._output_names, feeds), strict=True))
-        big_w = self.window_size + 1
+            for name, tensor in self._past(i, layer).items():
+                keep_alive.append(tensor)
+                self._bind(binding, name, tensor)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self._output_names, binding.get_outputs(), strict=True))
+        real = torch.from_numpy(offsets[None] < lens[:, None])
         for i, layer in enumerate(self._layers):
-            nk, nv, dec = outs[f"new_key_{i}"], outs[f"new_value_{i}"], outs[f"decisions_{i}"]
-            for b in range(bsz):
-                m = int(lens[b])
-                for h in range(self.num_kv_heads):
-                    layer.store(b, h, nk[b, h, :m], nv[b, h, :m], dec[b, h, :m], int(seen[b]), big_w)
+            new_key = torch.from_numpy(outs[f"new_key_{i}"].numpy())
+            new_value = torch.from_numpy(outs[f"new_value_{i}"].numpy())
+            decisions = torch.from_numpy(outs[f"decisions_{i}"].numpy())
+            layer.store(new_key, new_value, decisions, real)
         self._seen = seen + lens
-        return outs["logits"]
+        return outs["logits"].numpy()
+
+    def _past(self, i: int, layer: DMSCacheLayer) -> dict[str, Any]:
+        """Graph inputs of layer ``i``: the layer's own tensors (capacity ``C``, used slots marked)."""
+        book, kv = layer.book, layer.kv
+        slots = torch.arange(book.capacity)
+        newest = book.ring.gather(-1, ((book.seen - 1) % book.big_w)[:, None, None].expand(-1, book.heads, 1))
+        has_token = (book.seen >= 1)[:, None, None]
+        return {
+            f"past_key_{i}": kv.k,
+            f"past_value_{i}": kv.v,
+            f"past_pos_{i}": book.pos,
+            f"past_flag_{i}": book.flag,
+            f"past_valid_{i}": slots < book.length[..., None],
+            f"past_last_{i}": (slots == newest) & has_token,
+        }
+
+    def _bind(self, binding: Any, name: str, value: np.ndarray | torch.Tensor) -> None:
+        """Bind an input in place, by address (no copy), if the graph reads it.
+
+        Exporters prune unread inputs, so not every name is bound.
+        """
+        if name not in self._input_names:
+            return
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        tensor = tensor.contiguous()
+        binding.bind_input(name, "cpu", 0, _NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -20,8 +20,16 @@ from modelopt.torch.opt.dynamic import DynamicModule, _DMRegistryCls
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import DMSConfig
-from .decisions import DMSDecisionAdapter, logistic_noise, relaxed_decisions
-from .masks import dense_visibility, diagonal_validity, grouped_attention, hard_visibility, soft_eviction_bias
+from .decisions import DMSDecisionAdapter, relaxed_decisions, row_noise
+from .flex_training import flex_training_attention
+from .masks import (
+    dense_visibility,
+    diagonal_validity,
+    document_continuation,
+    grouped_attention,
+    hard_visibility,
+    soft_eviction_bias,
+)
 
 __all__ = ["ADAPTER_ATTR", "DMSAttention", "DMSAttentionRegistry", "DMSSwitches"]
 
@@ -36,14 +44,29 @@ class DMSSwitches:
 
     eviction_disabled: bool = False  # teacher mode: the original attention
     step: int = 0  # seeds the training noise
+    rows: torch.Tensor | None = None  # global ids of the batch rows (training noise); None: 0..B-1
     keep_every: int | None = None  # fixed eviction pattern (model_dms.fixed_eviction)
     record: bool = True  # keep the last decisions for the compression loss
+    training_kernel: str = "eager"  # "eager" (soft bias, T x T) or "flex" (score_mod, CUDA)
     residual: torch.Tensor | None = None  # decoder layer input, handed over by the residual hook
     last_decisions: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> DMSSwitches:
         """Copy the switches, not the last forward's tensors (an autograd graph cannot be copied)."""
-        return DMSSwitches(self.eviction_disabled, self.step, self.keep_every, self.record)
+        return DMSSwitches(
+            eviction_disabled=self.eviction_disabled,
+            step=self.step,
+            keep_every=self.keep_every,
+            record=self.record,
+            training_kernel=self.training_kernel,
+        )
+
+
+def _continuation(mask: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """Where packed documents end (from a 4D block-diagonal mask); None without a 4D mask."""
+    if mask is None or mask.shape[-2] != mask.shape[-1] or mask.shape[-2] < 2:
+        return None
+    return document_continuation(mask, valid)
 
 
 def _is_dynamic(cache: Any) -> bool:
@@ -117,8 +140,13 @@ class DMSAttention(DynamicModule):
         return query * keep[None, :, None, :]
 
     def _noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        seed = (self.dms_config.noise_seed * 1_000_003 + self.dms_switches.step) * 4099 + int(self.layer_idx)
-        return logistic_noise(shape, seed, device)
+        """Training noise ``(B, Hkv, T)``: a function of (seed, step, layer, row id, head, position)."""
+        sw = self.dms_switches
+        seed = (self.dms_config.noise_seed * 1_000_003 + sw.step) * 4099 + int(self.layer_idx)
+        rows = sw.rows if sw.rows is not None else torch.arange(shape[0], device=device)
+        if rows.shape[0] != shape[0]:
+            raise ValueError(f"dms.set_step(rows=...) named {rows.shape[0]} rows, the batch has {shape[0]}")
+        return row_noise(seed, rows.to(device), shape[1], shape[2])
 
     # ------------------------------------------------------------------ hooks for chaining
     def _dms_kv_storage_scales(self) -> tuple[float, float] | None:
@@ -243,8 +271,13 @@ class DMSAttention(DynamicModule):
             z, hard = z[:, :1].expand_as(z), hard[:, :1].expand_as(hard)
         self._record(hard)
         valid = diagonal_validity(attention_mask, query.shape[2], 0, query.shape[0])
-        bias = soft_eviction_bias(z, cfg.window_size, None if valid is None or valid.all() else valid)
         mask = dense_visibility(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+        cont = _continuation(mask, valid)
+        if self.dms_switches.training_kernel == "flex":
+            return flex_training_attention(
+                query, key, value, z, cfg.window_size, self.scaling, mask, valid, cont
+            )
+        bias = soft_eviction_bias(z, cfg.window_size, valid, cont)
         return grouped_attention(query, key, value, self.scaling, mask=mask, bias=bias)
 
     def _hard_masked_attention(self, query, key, value, logits, attention_mask, past_key_values):
@@ -271,8 +304,9 @@ class DMSAttention(DynamicModule):
         k_len = key.shape[2]
         q_pos = torch.arange(k_len - q_len, k_len, device=query.device)
         window = self.dms_config.window_size
-        visible = hard_visibility(decisions, window, q_pos, None if valid.all() else valid)
         hf_mask = dense_visibility(attention_mask, bsz, q_len, k_len)
+        cont = _continuation(hf_mask, valid) if q_len == k_len else None
+        visible = hard_visibility(decisions, window, q_pos, valid, cont)
         if hf_mask is not None:
             visible = visible & hf_mask
         return grouped_attention(query, key, value, self.scaling, mask=visible)

@@ -6,7 +6,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DMSDecisionAdapter", "logistic_noise", "relaxed_decisions"]
+__all__ = ["DMSDecisionAdapter", "logistic_noise", "relaxed_decisions", "row_noise"]
+
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def _uniform(seed: int, rows: torch.Tensor, heads: int, length: int, salt: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1), ``(B, heads, length)``, a pure function of the indices."""
+    device = rows.device
+    h = torch.full((), int(seed) & _M32, dtype=torch.long, device=device)
+    h = _mix32(h ^ (rows.long()[:, None, None] & _M32))
+    h = _mix32(h ^ torch.arange(heads, device=device)[None, :, None])
+    h = _mix32(h ^ torch.arange(length, device=device)[None, None, :])
+    h = _mix32(h ^ salt)
+    return (h.double() + 0.5) / 2.0**32
+
+
+def row_noise(seed: int, rows: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """Logistic(0, 1) noise ``(B, heads, length)`` on ``rows.device``: the difference of two Gumbels.
+
+    Each element is a pure function of ``(seed, row id, head, position)``, so a training row gets
+    the same draw whatever batch, rank or accumulation step it lands in, and different rows of a
+    global batch get different draws. ``rows``: ``(B,)`` global row ids.
+    """
+    g = [-torch.log(-torch.log(_uniform(seed, rows, heads, length, salt))) for salt in (0, 1)]
+    return (g[0] - g[1]).float()
 
 
 class _DecisionProjection(nn.Module):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "dense_visibility",
+    "document_continuation",
+    "next_real_index",
     "diagonal_validity",
     "shift_to_next_real",
     "hard_visibility",
@@ -20,24 +22,55 @@ __all__ = [
 ]
 
 
-def shift_to_next_real(
-    x: torch.Tensor, fill: float | bool, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``y[..., k] = x[..., next(k)]`` with ``next(k)`` the next real position after ``k``.
-
-    Without ``valid`` every position is real (``next(k) = k + 1``). Keys without a later real
-    token (the pending newest one) get ``fill``. ``valid`` is ``(B, T)``, ``x`` is ``(B, H, T)``.
-    """
-    if valid is None:
-        pad = torch.full_like(x[..., :1], fill)
-        return torch.cat([x[..., 1:], pad], dim=-1)
+def next_real_index(valid: torch.Tensor) -> torch.Tensor:
+    """``(B, T)``: index of the next real position after ``k`` (``T`` if none)."""
     bsz, num = valid.shape
     idx = torch.arange(num, device=valid.device).expand(bsz, num)
     cand = torch.where(valid, idx, num)
     later = torch.cat([cand[:, 1:], torch.full_like(cand[:, :1], num)], dim=-1)
-    nxt = later.flip(-1).cummin(-1).values.flip(-1)  # smallest real index > k, or num
-    gathered = torch.gather(x, -1, nxt.clamp(max=num - 1)[:, None, :].expand_as(x))
-    return torch.where((nxt < num)[:, None, :], gathered, torch.full_like(gathered, fill))
+    return later.flip(-1).cummin(-1).values.flip(-1)
+
+
+def shift_to_next_real(
+    x: torch.Tensor,
+    fill: float | bool,
+    valid: torch.Tensor | None = None,
+    cont: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[..., k] = x[..., next(k)]`` with ``next(k)`` the next real position after ``k``.
+
+    Without ``valid`` every position is real (``next(k) = k + 1``). Keys without a later real
+    token (the pending newest one) get ``fill``, and so do keys whose next real token starts
+    another document (``cont[b, k]`` False; see :func:`document_continuation`). ``valid`` and
+    ``cont`` are ``(B, T)``, ``x`` is ``(B, H, T)``.
+    """
+    if valid is None:
+        pad = torch.full_like(x[..., :1], fill)
+        y = torch.cat([x[..., 1:], pad], dim=-1)
+    else:
+        num = valid.shape[1]
+        nxt = next_real_index(valid)
+        gathered = torch.gather(x, -1, nxt.clamp(max=num - 1)[:, None, :].expand_as(x))
+        y = torch.where((nxt < num)[:, None, :], gathered, torch.full_like(gathered, fill))
+    if cont is not None:
+        y = torch.where(cont[:, None, :], y, torch.full_like(y, fill))
+    return y
+
+
+def document_continuation(visible: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per key ``(B, T)``: does its next real token (whose decision governs it) see it.
+
+    False where a packed row's document ends (the next token starts another document, which the
+    block-diagonal mask hides ``k`` from): that key stays pending. ``visible`` is the model's mask
+    as ``(B, 1, T, T)`` booleans over a whole sequence.
+    """
+    bsz, _, t, _ = visible.shape
+    idx = torch.arange(t, device=visible.device)
+    nxt = next_real_index(valid) if valid is not None else (idx + 1).expand(bsz, t)
+    has = nxt < t
+    b = torch.arange(bsz, device=visible.device)[:, None]
+    cont = visible[:, 0][b, nxt.clamp(max=t - 1), idx[None, :]]  # vis[b, nxt(k), k]
+    return cont | ~has  # no next real token: pending anyway
 
 
 def _row_offsets(
@@ -62,6 +95,7 @@ def hard_visibility(
     window_size: int,
     q_positions: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    cont: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference mask: key ``k`` visible to query ``q`` iff ``k <= q``, real, and not evicted.
 
@@ -72,6 +106,7 @@ def hard_visibility(
         valid: optional ``(B, Tk)`` real-token mask. Padding (anywhere, e.g. between turns) is
             invisible, does not count towards the window, and a key is governed by the decision
             of the next *real* token.
+        cont: optional ``(B, Tk)``: False where a packed document ends (that key is pending).
 
     Returns:
         ``(B, H, Tq, Tk)`` boolean mask (True = visible).
@@ -81,21 +116,24 @@ def hard_visibility(
     if q_positions is None:
         q_positions = torch.arange(num_keys, device=decisions.device)
     diff, _ = _row_offsets(num_keys, q_positions, valid, decisions.device)  # (B|1, Tq, Tk)
-    flagged = shift_to_next_real(decisions.bool(), False, valid)[..., None, :]
+    flagged = shift_to_next_real(decisions.bool(), False, valid, cont)[..., None, :]
     return (diff[:, None] >= 0) & ~(flagged & (diff[:, None] > window_size))
 
 
-def soft_eviction_bias(z: torch.Tensor, window_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def soft_eviction_bias(
+    z: torch.Tensor, window_size: int, valid: torch.Tensor | None = None, cont: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training bias added to the scaled scores (full sequence, no past).
 
     ``-inf`` on non-causal (and padding) keys, ``0`` inside the window (``q - k <= w``), and
     ``log(1 - sigmoid(z_{k+1}))`` beyond it. ``z`` is ``(B, H, T)``; returns ``(B, H, T, T)``.
-    With ``valid`` (``(B, T)``), distances and the shift count real tokens only.
+    With ``valid`` (``(B, T)``), distances and the shift count real tokens only; ``cont`` marks
+    where a packed document ends (see :func:`document_continuation`).
     """
     num = z.shape[-1]
     diff, _ = _row_offsets(num, torch.arange(num, device=z.device), valid, z.device)
     diff = diff[:, None]  # (B|1, 1, T, T)
-    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid))[..., None, :]  # pending: log(1) = 0
+    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid, cont))[..., None, :]  # pending: 0
     bias = torch.where(diff > window_size, log_keep, torch.zeros_like(log_keep))
     return bias.masked_fill(diff < 0, float("-inf"))
 

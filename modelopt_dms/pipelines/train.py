@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..corpus import build_token_sequences
+from ..corpus import build_documents, build_token_sequences
 from ..export.adapters import save_adapters
 from ..export.hf_checkpoint import check_export_target
 from ..export.onnx import check_onnx_target
@@ -21,8 +20,11 @@ from ..model_dms import apply_dms
 from ..outputs import OutputError, ensure_writable_parent, user_path
 from ..schema import RecipeError
 from ..training.chat_data import mix_chat_sequences
+from ..training.devices import init_process_group, resolve_device
+from ..training.packing import PackedRows, pack_documents
 from ..training.recipe import TrainRecipe, load_train_recipe
 from ..training.run_folder import RunFolder, run_fingerprint
+from ..training.teacher_cache import TeacherCache, teacher_cache_folder
 from ..training.trainer import train
 from .export import ExportPlan, check_export_space, run_export_plan
 
@@ -41,17 +43,6 @@ def export_plan_of(recipe: TrainRecipe) -> ExportPlan:
     )
 
 
-def _init_distributed() -> tuple[int, int]:
-    """Under torchrun: initialise the process group (gloo on CPU, nccl on GPU); ``(world, rank)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return world, int(os.environ.get("RANK", "0"))
-
-
 def _fingerprint(recipe: TrainRecipe, world_size: int) -> dict[str, Any]:
     sections = {
         "model": recipe.model.model_dump(mode="json"),
@@ -60,6 +51,15 @@ def _fingerprint(recipe: TrainRecipe, world_size: int) -> dict[str, Any]:
         "train": recipe.schedule.model_dump(mode="json"),
     }
     return run_fingerprint(sections, world_size)
+
+
+def _fingerprint_defaults() -> dict[str, Any]:
+    """The fingerprint of an all-defaults recipe: what a setting added later meant before."""
+    defaults = TrainRecipe()
+    sections = {
+        name: getattr(defaults, name).model_dump(mode="json") for name in ("model", "dms", "data", "train")
+    }
+    return run_fingerprint(sections, 1)
 
 
 def preflight(recipe: TrainRecipe) -> None:
@@ -85,22 +85,55 @@ def run_recipe(
     ``restart`` (or ``train.resume: false``) starts over in a run folder that holds another run.
     """
     recipe = load_train_recipe(path)
-    world_size, rank = _init_distributed()
+    device = resolve_device(recipe.model.device)
+    world_size, rank = init_process_group(device)
+    # model.device says where to run, not what is computed: it is not part of the fingerprint
     preflight(recipe)
     out_dir = user_path(recipe.output.dir)
     cfg = recipe.schedule
-    folder = RunFolder(out_dir, _fingerprint(recipe, world_size), cfg.steps, restart or not cfg.resume)
+    folder = RunFolder(
+        out_dir,
+        _fingerprint(recipe, world_size),
+        cfg.steps,
+        restart or not cfg.resume,
+        _fingerprint_defaults(),
+    )
     if rank == 0:
         folder.open()
     try:
-        return _train_in(recipe, path, str(out_dir), rank, progress, log)
+        return _train_in(recipe, path, str(out_dir), rank, device, progress, log)
     finally:
         folder.close()
 
 
-def _train_in(recipe: TrainRecipe, path: str, out_dir: str, rank: int, progress: bool, log) -> dict[str, Any]:
-    log(f"[recipe] {path} -> {out_dir}")
+def _training_rows(recipe: TrainRecipe, tok, log) -> torch.Tensor | PackedRows:
+    """The recipe's training rows: one document per row, or whole documents packed."""
+    d = recipe.data
+    if d.packing:
+        docs = build_documents(tok, d.text_glob, "train", d.heldout_fraction, d.seed)
+        rows = pack_documents(docs, d.seq_len, pad_id=tok.pad_token_id or 0)
+        if d.max_sequences is not None:
+            rows = rows[: d.max_sequences]
+        n_docs = int((rows.doc_ids.max(-1).values + 1).sum())
+        log(f"[data] {rows.shape[0]} packed rows of {rows.shape[1]} tokens ({n_docs} documents)")
+        return rows
+    seqs = build_token_sequences(
+        tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
+    )
+    seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
+    log(
+        f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
+        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%})"
+    )
+    return seqs
+
+
+def _train_in(
+    recipe: TrainRecipe, path: str, out_dir: str, rank: int, device: torch.device, progress: bool, log
+) -> dict[str, Any]:
+    log(f"[recipe] {path} -> {out_dir} ({device})")
     model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
+    model = model.to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and recipe.data.seq_len > max_pos:
         raise RecipeError(
@@ -110,29 +143,29 @@ def _train_in(recipe: TrainRecipe, path: str, out_dir: str, rank: int, progress:
     model = apply_dms(model, recipe.dms)
     plan = export_plan_of(recipe)
     check_export_space(model, plan)  # before training, not after
-    d = recipe.data
-    seqs = build_token_sequences(
-        tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
-    )
-    seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
-    log(
-        f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
-        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%})"
-    )
+    seqs = _training_rows(recipe, tok, log)
     cfg = recipe.schedule
+    cache = None
+    if cfg.teacher_cache:
+        rows = seqs.input_ids if isinstance(seqs, PackedRows) else seqs
+        key = f"{recipe.model.name_or_path}|{recipe.model.dtype}|{type(model).__name__}"
+        folder = teacher_cache_folder(Path(recipe.data.cache_dir) / "teacher", key, rows, cfg.teacher_topk)
+        cache = TeacherCache(folder, cfg.teacher_topk)
+        log(f"[teacher] top-{cfg.teacher_topk} teacher cache in {folder}")
     t0 = time.time()
-    history = train(model, seqs, cfg, out_dir, progress=progress)
+    history = train(model, seqs, cfg, out_dir, progress=progress, teacher_cache=cache)
     elapsed = time.time() - t0
     if rank != 0:
         return {"rank": rank}
     adapters_dir = user_path(recipe.output.adapters_path)
     save_adapters(model, adapters_dir)
     calib = recipe.quantize.calib_sequences if recipe.quantize else 0
+    ids = seqs.input_ids if isinstance(seqs, PackedRows) else seqs
     _, exported = run_export_plan(
         model,
         tok,
         plan,
-        calib_batches=lambda: [seqs[i : i + 1] for i in range(min(calib, seqs.shape[0]))],
+        calib_batches=lambda: [ids[i : i + 1] for i in range(min(calib, ids.shape[0]))],
         log=log,
     )
     summary = {

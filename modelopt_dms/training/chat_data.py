@@ -98,8 +98,10 @@ def mix_chat_sequences(
     if not (chat_fraction or recall_fraction):
         return sequences
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("The tokenizer has no chat template; set data.chat_fraction and "
-                         "data.recall_fraction to 0 for a base model.")
+        raise ValueError(
+            "The tokenizer has no chat template; set data.chat_fraction and "
+            "data.recall_fraction to 0 for a base model."
+        )
     n, seq_len = sequences.shape
     rng = random.Random(seed + 7)
     order = list(range(n))

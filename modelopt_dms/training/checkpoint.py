@@ -50,7 +50,7 @@ def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
 def save_checkpoint(
     out_dir: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list
 ) -> str:
-    """Atomically write ``out_dir/checkpoint`` (trainable tensors, optimizer, step, log, RNG)."""
+    """Atomically write ``out_dir/checkpoint``: trainable tensors, optimizer, step, log, CPU/CUDA RNG."""
     final = os.path.join(out_dir, "checkpoint")
     trainable, opt_state = _trainable_state(model), _optimizer_state(model, opt)  # collective
     if world()[1] != 0:  # FSDP ranks > 0 only take part in the gathers above
@@ -69,6 +69,9 @@ def save_checkpoint(
                     opt_meta["state"][str(pid)][k] = v
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(device)
         save_file(rng, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "optimizer": opt_meta, "history": history}, f)
@@ -98,7 +101,9 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return None
 
 
-def _read(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+def _read(
+    path: str,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every file of a checkpoint, or :class:`CheckpointError` naming the damaged one."""
     hint = "rerun with --restart (recipe: train.resume: false) to start the run over"
     name = "state.json"
@@ -111,7 +116,7 @@ def _read(path: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Ten
         name = "optimizer.safetensors"
         opt_tensors = load_file(os.path.join(path, name))
         name = "rng.safetensors"
-        rng = load_file(os.path.join(path, name))["torch_cpu"]
+        rng = load_file(os.path.join(path, name))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"The checkpoint in {path} is damaged ({name}: {err}); {hint}.") from None
     return {"step": step, "history": history, "optimizer": opt_meta}, tensors, opt_tensors, rng
@@ -157,5 +162,8 @@ def load_checkpoint(out_dir: str, model: nn.Module, opt: torch.optim.Optimizer) 
         set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(full)
-    torch.set_rng_state(rng)
+    torch.set_rng_state(rng["torch_cpu"])
+    device = next(model.parameters()).device
+    if "torch_cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], device)
     return meta["step"], meta["history"]

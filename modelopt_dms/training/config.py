@@ -36,6 +36,13 @@ class TrainConfig(Section):
     autocast_bf16: bool = False
     fsdp: bool = False  # shard the model over the torchrun processes (FSDP2); else data parallel
     log_every: int = Field(1, ge=1)
+    attention: Literal["auto", "eager", "flex"] = "auto"  # auto: flex_attention on CUDA, eager on CPU
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
+    fused_kl: bool = True  # lm_head + log-softmax + KL chunked and recomputed: O(chunk x vocab) memory
+    kl_chunk: int = Field(1024, ge=1)  # rows of logits at a time (fused and unfused KL)
+    kl_beyond_window: bool = False  # KL only at positions > w (exactly 0 before: see the trainer)
+    teacher_cache: bool = False  # reuse the teacher's top-k distribution from disk (CPU speed-up)
+    teacher_topk: int = Field(64, ge=1, le=65536)  # kept teacher log-probabilities per position
     checkpoint_every: int = Field(50, ge=0)
     seed: int = Field(0, ge=0)
     resume: bool = True  # false: start over in output.dir (its run's checkpoint and log are replaced)

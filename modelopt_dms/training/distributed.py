@@ -39,7 +39,7 @@ def shard_model(model: nn.Module) -> nn.Module:
         raise RuntimeError(
             "train.fsdp needs torch.distributed: launch with torchrun (gloo on CPU, nccl on GPU)"
         )
-    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    device = next(model.parameters()).device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -59,17 +59,22 @@ def unshard_for_saving(model: nn.Module) -> None:
             module.unshard()
 
 
-def all_reduce_mean(params: list[nn.Parameter], totals: dict[str, float]) -> None:
-    """Data parallelism: average gradients and logged metrics over all ranks (what DDP does)."""
+def all_reduce_mean(params: list[nn.Parameter], totals: torch.Tensor) -> None:
+    """Data parallelism: average gradients and metrics over all ranks in one all-reduce.
+
+    The gradients of ``params`` and the metrics ``totals`` go into one flat float32 buffer (on
+    the parameters' device: NCCL needs CUDA tensors); the averages are copied back in place.
+    """
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-    metrics = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64)
-    dist.all_reduce(metrics, op=dist.ReduceOp.SUM)
-    for k, v in zip(sorted(totals), (metrics / world).tolist(), strict=True):
-        totals[k] = v
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [totals.reshape(-1).float()])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+    totals.copy_(flat[offset:].view_as(totals))

@@ -37,6 +37,7 @@ class DataSection(Section):
     cache_dir: str = DEFAULT_CACHE_DIR
     chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
     recall_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    packing: bool = False  # pack whole documents into rows (block-diagonal attention, no document dropped)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> DataSection:
@@ -45,6 +46,8 @@ class DataSection(Section):
                 f"chat_fraction ({self.chat_fraction}) + recall_fraction ({self.recall_fraction}) "
                 "must be at most 1"
             )
+        if self.packing and (self.chat_fraction or self.recall_fraction):
+            raise ValueError("packing does not combine with chat_fraction / recall_fraction yet; use one")
         return self
 
 

@@ -25,7 +25,11 @@ __all__ = ["RUN_KIND", "RunConflictError", "RunFolder", "run_fingerprint"]
 RUN_KIND = "run"
 _RUN_FILES = ("train_log.jsonl", "summary.json", "train_config.json")
 # Settings that do not change what a step computes: a resume may differ in them.
-_NOT_FINGERPRINTED = {"train": {"steps", "checkpoint_every", "log_every", "resume"}, "data": {"cache_dir"}}
+_NOT_FINGERPRINTED = {
+    "train": {"steps", "checkpoint_every", "log_every", "resume"},
+    "data": {"cache_dir"},
+    "model": {"device"},
+}
 
 
 class RunConflictError(OutputError):
@@ -43,18 +47,33 @@ def run_fingerprint(sections: dict[str, dict[str, Any]], world_size: int) -> dic
     return flat
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _diff(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """The changed keys, as ``key: old -> new`` lines.
+
+    A key the old run did not record (a setting added later) counts as unchanged when the new value
+    is that setting's default (the behaviour the old run had).
+    """
     keys = sorted(set(old) | set(new))
-    changed = [k for k in keys if old.get(k) != new.get(k)]
+    changed = [
+        k for k in keys if old.get(k, defaults.get(k, "(unset)")) != new.get(k, defaults.get(k, "(unset)"))
+    ]
     return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in changed]
 
 
 class RunFolder:
     """Open (lock, check, mark) a run folder; use as a context manager around the training."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], steps: int, restart: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fingerprint: dict[str, Any],
+        steps: int,
+        restart: bool = False,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.fingerprint = fingerprint
+        self.defaults = defaults or {}
         self.steps = steps
         self.restart = restart
         self.lock = FolderLock(path / ".lock", f"run folder {path}")
@@ -80,7 +99,7 @@ class RunFolder:
             ckpt = latest_checkpoint(str(self.path))
             if ckpt is not None and not self.restart:
                 old = (read_marker(self.path) or {}).get("fingerprint", {})
-                changed = _diff(old, self.fingerprint)
+                changed = _diff(old, self.fingerprint, self.defaults)
                 if changed:
                     raise RunConflictError(
                         f"output.dir {self.path} holds a checkpoint of a different run; changed: "
