@@ -2,14 +2,15 @@
 
 ``fused_head_kl(student_hidden, teacher, weight, valid)`` equals
 ``distillation_kl(student_hidden @ W.T, teacher_hidden @ W.T, valid)`` (forward KL(teacher ‖ student)
-per token, float32 math) but never holds more than ``chunk`` rows of logits: the forward keeps
-nothing of the logits, and the backward recomputes each chunk's student and teacher logits to form
-``d loss / d logits = w_row (softmax(s) - softmax(t))``. Memory for logits is O(chunk × vocab) for
-both models instead of O(tokens × vocab).
+per token, float32 math) but never holds more than ``chunk`` rows of logits: each chunk's logits
+exist only while its KL and its gradient ``w_row (softmax(s) - softmax(t)) @ W`` are formed (in the
+forward: the loss is linear in its output, so nothing needs recomputing); the gradient w.r.t. the
+hidden states is kept (``O(tokens × hidden)``). Memory for logits is O(chunk × vocab) for both models
+instead of O(tokens × vocab).
 
-The teacher is given as hidden states (the same ``weight`` makes its logits). :func:`topk_kl` is the
-KL against a cached top-k teacher distribution (:class:`TopKTeacher`), the approximation the teacher
-cache uses.
+The teacher is given as hidden states (the same ``weight`` makes its logits) or as a cached top-k
+distribution (:class:`TopKTeacher`, the approximation the teacher cache uses; :func:`topk_kl` is
+its unfused form).
 """
 
 from __future__ import annotations
@@ -36,77 +37,110 @@ class TopKTeacher:
     tail: torch.Tensor
 
 
-def _chunk_kl_and_grad(s_logits: torch.Tensor, t_logits: torch.Tensor, want_grad: bool):
-    """Per-row KL(t ‖ s) of a chunk (float32) and, if asked, d KL / d student logits."""
+def _kl_and_grad_full(s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(t ‖ s) (float32) and d KL / d student logits = softmax(s) - softmax(t)."""
     log_s = torch.log_softmax(s_logits.float(), dim=-1)
     log_t = torch.log_softmax(t_logits.float(), dim=-1)
     p_t = log_t.exp()
-    kl = (p_t * (log_t - log_s)).sum(-1)
-    return kl, (log_s.exp() - p_t) if want_grad else None
+    return (p_t * (log_t - log_s)).sum(-1), log_s.exp() - p_t
 
 
-class _FusedHeadKL(torch.autograd.Function):
+def _kl_and_grad_topk(
+    s_logits: torch.Tensor, t: TopKTeacher, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL_k(t ‖ s) and its gradient ``q - target``.
+
+    The target is the teacher's top-k probabilities on its top-k tokens and ``p_tail * q_j / q_tail``
+    on the others (the teacher's tail mass spread like the student's).
+    """
+    log_s = torch.log_softmax(s_logits.float(), dim=-1)
+    q = log_s.exp()
+    t_lp, t_idx, t_tail = t.logprobs[rows].float(), t.indices[rows], t.tail[rows].float()
+    q_top = q.gather(-1, t_idx)
+    q_tail = (1.0 - q_top.sum(-1)).clamp_min(1e-12)
+    p_top, p_tail = t_lp.exp(), t_tail.exp()
+    kl = (p_top * (t_lp - log_s.gather(-1, t_idx))).sum(-1) + p_tail * (t_tail - q_tail.log())
+    target = q * (p_tail / q_tail)[:, None]
+    target.scatter_(-1, t_idx, p_top)
+    return kl, q - target
+
+
+class _HeadKL(torch.autograd.Function):
+    """KL of ``hidden @ weight.T`` logits against a teacher, with the gradient formed in the forward.
+
+    The loss is linear in its scalar output, so ``d loss / d hidden`` (and ``/ d weight``) is
+    computed chunk by chunk while the logits exist and kept (``O(N x H)``); backward only scales it.
+    No logits survive a chunk: memory is ``O(chunk x V)``.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, weights, chunk):  # noqa: D102
-        n = hidden.shape[0]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        with torch.no_grad():
-            for start in range(0, n, chunk):
-                rows = slice(start, start + chunk)
-                s_logits = hidden[rows] @ weight.T
-                t = teacher_hidden[rows] @ weight.T
-                kl, _ = _chunk_kl_and_grad(s_logits, t, False)
-                total = total + (kl * weights[rows]).sum()
-        ctx.save_for_backward(hidden, weight, teacher_hidden, weights)
-        ctx.chunk = chunk
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        hidden, weight, teacher_hidden, weights = ctx.saved_tensors
+    def forward(ctx, hidden, weight, teacher, weights, chunk):  # noqa: D102
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        chunk = ctx.chunk
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        total = hidden.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 s_logits = hidden[rows] @ weight.T
-                t = teacher_hidden[rows] @ weight.T
-                _, g = _chunk_kl_and_grad(s_logits, t, True)
-                g = g * (weights[rows] * grad_out)[:, None]
+                if isinstance(teacher, TopKTeacher):
+                    kl, g = _kl_and_grad_topk(s_logits, teacher, rows)
+                else:
+                    kl, g = _kl_and_grad_full(s_logits, teacher[rows] @ weight.T)
+                w = weights[rows]
+                total = total + (kl * w).sum()
+                g = g * w[:, None]
                 if grad_hidden is not None:
                     grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_weight is not None:
                     grad_weight += g.T @ hidden[rows].float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else hidden.new_zeros(0),
+            grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_zeros(0),
+        )
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out.to(grad_hidden.dtype) if ctx.has[0] else None
+        gw = grad_weight * grad_out.to(grad_weight.dtype) if ctx.has[1] else None
+        return gh, gw, None, None, None
+
+
+def _weights(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(n, device=device, dtype=torch.float32)
+    return valid.reshape(-1).to(device, torch.float32)
 
 
 def fused_head_kl(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher: torch.Tensor | TopKTeacher,
     weight: torch.Tensor,
     valid: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) of ``hidden @ weight.T`` logits, chunked and recomputed.
+    """Mean per-token KL(teacher ‖ student) of ``hidden @ weight.T`` logits, chunked.
 
     Args:
-        student_hidden / teacher_hidden: ``(B, T, H)`` final hidden states (after the last norm).
+        student_hidden: ``(B, T, H)`` final hidden states (after the last norm).
+        teacher: the teacher's final hidden states ``(B, T, H)`` (same ``weight``), or a cached
+            :class:`TopKTeacher` of ``B * T`` rows (then the KL is KL_k).
         weight: the lm_head weight ``(V, H)`` (gradients flow into it only if it requires them).
         valid: ``(B, T)`` weights of the positions (padding, cut positions: 0); default all 1.
         chunk: rows of logits computed at a time.
 
     """
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    w = (
-        torch.ones(h.shape[0], device=h.device, dtype=torch.float32)
-        if valid is None
-        else valid.reshape(-1).to(h.device, torch.float32)
-    )
-    total = _FusedHeadKL.apply(h, weight, t, w, chunk)
+    if not isinstance(teacher, TopKTeacher):
+        teacher = teacher.detach().reshape(-1, teacher.shape[-1])
+    w = _weights(valid, h.shape[0], h.device)
+    total = _HeadKL.apply(h, weight, teacher, w, chunk)
     return total / w.sum().clamp_min(1.0)
 
 

@@ -118,10 +118,11 @@ def _losses(model, batch, config: TrainConfig, f_target: float, hidden: _FinalHi
     kw = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
     ids = batch["input_ids"]
     keep, weights = _kl_view(batch, dms_config(model).window_size, config.kl_beyond_window)
-    fused = config.fused_kl and config.kl_direction == "forward" and not config.fsdp and teacher_cache is None
+    fused = config.fused_kl and config.kl_direction == "forward" and not config.fsdp
     logits_to_keep = 1 if fused else 0  # fused: the KL reads hidden states, no full logits are made
-    teacher = None
-    if teacher_cache is None:
+    if teacher_cache is not None:
+        teacher = teacher_cache.get(model, batch, keep)
+    else:
         with torch.no_grad(), eviction_disabled(model):
             t_out = model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
         teacher = hidden.take()[:, keep] if fused else t_out.logits[:, keep]
@@ -130,8 +131,7 @@ def _losses(model, batch, config: TrainConfig, f_target: float, hidden: _FinalHi
     if fused:
         kl = fused_head_kl(s_hidden[:, keep], teacher, model.lm_head.weight, weights, chunk=config.kl_chunk)
     elif teacher_cache is not None:
-        target = teacher_cache.get(model, batch, keep)
-        kl = topk_kl(s_out.logits[:, keep], target, weights)
+        kl = topk_kl(s_out.logits[:, keep], teacher, weights)
     else:
         kl = distillation_kl(
             s_out.logits[:, keep], teacher, weights, direction=config.kl_direction, chunk_size=config.kl_chunk
