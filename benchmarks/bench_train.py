@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(rec)
-            log(
-                f"seq {seq:5d} {variant:6s}: {rec['tokens_per_s']:8.1f} tok/s, peak RSS {rec['peak_rss_mib']:7.0f} MiB"
-            )
+            log(f"seq {seq:5d} {variant:6s}: {rec['tokens_per_s']:8.1f} tok/s, peak {rec['peak_rss_mib']:.0f} MiB")
     by = {(r["seq"], r["variant"]): r for r in rows}
     lines = [
         "| seq | variant | tokens/s | x before | peak RSS MiB | KL (timed steps, mean) |",
@@ -121,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         base = by.get((r["seq"], "before"))
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        lines.append(
-            f"| {r['seq']} | {r['variant']} | {r['tokens_per_s']:.1f} | {speed:.2f} | {r['peak_rss_mib']:.0f} | "
-            f"{statistics.mean(r['kl']):.4f} |"
-        )
+        cells = [r["seq"], r["variant"], f"{r['tokens_per_s']:.1f}", f"{speed:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + f" | {statistics.mean(r['kl']):.4f} |")
     table = "\n".join(lines)
     log("\n" + table)
-    md = f"# Trainer speed and memory, SmolLM2-135M, {env['threads']} threads\n\n- command: `{env['command']}`\n\n{table}\n"
+    head = f"# Trainer speed and memory, SmolLM2-135M, {env['threads']} threads"
+    md = f"{head}\n\n- command: `{env['command']}`\n\n{table}\n"
 
     def plot(path: Path) -> None:
         import matplotlib
