@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(rec)
-            log(f"seq {seq:5d} {variant:6s}: {rec['tokens_per_s']:8.1f} tok/s, peak {rec['peak_rss_mib']:.0f} MiB")
+            speed, peak = rec["tokens_per_s"], rec["peak_rss_mib"]
+            log(f"seq {seq:5d} {variant:6s}: {speed:8.1f} tok/s, peak RSS {peak:.0f} MiB")
     by = {(r["seq"], r["variant"]): r for r in rows}
     lines = [
         "| seq | variant | tokens/s | x before | peak RSS MiB | KL (timed steps, mean) |",
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         base = by.get((r["seq"], "before"))
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        cells = [r["seq"], r["variant"], f"{r['tokens_per_s']:.1f}", f"{speed:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        cells = [r["seq"], r["variant"], f"{r['tokens_per_s']:.1f}", f"{speed:.2f}"]
+        cells.append(f"{r['peak_rss_mib']:.0f}")
         lines.append("| " + " | ".join(map(str, cells)) + f" | {statistics.mean(r['kl']):.4f} |")
     table = "\n".join(lines)
     log("\n" + table)
