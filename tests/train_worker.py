@@ -3,8 +3,8 @@
 Builds ``tiny_model("llama", seed=0)`` with DMS (window 4), a fixed set of random token sequences,
 and runs :func:`modelopt_dms.training.trainer.train` into ``--out``. At the end rank 0 writes the
 final adapter weights (every parameter whose name contains ``dms_adapter``) to ``--final`` with
-safetensors. Launched by ``torch.distributed.run`` (``WORLD_SIZE > 1``) it joins a gloo group first,
-as ``modelopt_dms.pipelines.train.run_recipe`` does.
+safetensors. Launched by ``torch.distributed.run`` (``WORLD_SIZE > 1``) it joins a process group first
+(gloo on CPU, NCCL with ``--device cuda``), as ``modelopt_dms.pipelines.train.run_recipe`` does.
 
 ``--sleep`` slows every step down (so that a test can SIGKILL the run between checkpoints); it does
 not change any number the run computes.
@@ -27,6 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import modelopt_dms as dms  # noqa: E402
 from modelopt_dms.training import trainer as trainer_mod  # noqa: E402
+from modelopt_dms.training.devices import init_process_group, resolve_device  # noqa: E402
 
 N_SEQ, SEQ_LEN, VOCAB = 16, 32, 128
 
@@ -40,7 +41,8 @@ def build(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if "dms_adapter" in n}
+    named = model.named_parameters()
+    return {n: p.detach().cpu().clone().contiguous() for n, p in named if "dms_adapter" in n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,15 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
     ap.add_argument("--unfused-kl", action="store_true", help="full logits + chunked KL (what FSDP uses)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(args.device)
+    world, rank = init_process_group(device)  # gloo on CPU, NCCL on CUDA, nothing alone
 
     if args.sleep > 0:
         real_set_step = trainer_mod.set_step
@@ -78,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_mod.set_step = slow_set_step
 
     model, seqs = build()
+    model.to(device)
     cfg = trainer_mod.TrainConfig(
         steps=args.steps,
         lr=args.lr,

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script of at most 9.5 minutes (about 6 typical) on one H200 (random weights; no model hub needed).
+#
+# Here (with PyPI):   scripts/fetch_gpu_wheels.sh      # the packages the GPU image lacks, into .whl/
+# On the GPU machine: scripts/gpu_check.sh [OUTDIR]     # OUTDIR defaults to $OUT, else gpu_check_out/
+#
+# 1. tests/test_cuda.py: the batched cache (fp32/bf16/FP8, both layouts) against the masked reference,
+#    decode steps without host syncs, the trainer with the flex kernel and the fused KL;
+# 2. the trainer on CUDA (one process) against the same run on CPU; NCCL data parallel with 2+ GPUs;
+# 3. benchmarks/bench_cache.py: a Llama-3.1-8B-shaped model (bf16) at 8K context, batch 1 and 32,
+#    DMS vs DynamicCache/StaticCache with SDPA;
+# 4. benchmarks/bench_train_gpu.py: SmolLM2-shaped trainer steps at 2K and 8K, eager vs flex + fused KL.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+PY=${PY:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+status=0
+step() {  # step NAME TIMEOUT_S CMD...: run, log, remember failures, go on
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc $rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || status=1
+}
+
+step environment 30 "$PY" -c "import torch, transformers, modelopt, modelopt_dms as d; \
+print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__, modelopt.__version__, d.__version__)"
+
+step cuda-tests 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+W=$(mktemp -d)
+step trainer-cpu 40 "$PY" tests/train_worker.py --out "$W/cpu" --steps 8 --checkpoint-every 0 --grad-accum 2
+step trainer-cuda 40 "$PY" tests/train_worker.py --out "$W/cuda" --steps 8 --checkpoint-every 0 --grad-accum 2 \
+  --device cuda
+if [ "$GPUS" -ge 2 ]; then
+  step trainer-nccl 120 "$PY" -m torch.distributed.run --nproc_per_node=2 tests/train_worker.py --out "$W/nccl" \
+    --steps 8 --checkpoint-every 0 --device cuda
+fi
+step trainer-compare 20 "$PY" - "$W" "$OUTDIR/trainer_devices.json" <<'EOF'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+ref = load_file(root / "cpu" / "final_adapters.safetensors")
+res = {}
+for run in ("cuda", "nccl"):
+    f = root / run / "final_adapters.safetensors"
+    if f.exists():
+        got = load_file(f)
+        res[run] = max((got[k] - ref[k]).abs().max().item() for k in ref)
+out.write_text(json.dumps({"max_abs_diff_vs_cpu": res}, indent=1))
+print(res)
+assert all(v <= 1e-3 for v in res.values()), res
+EOF
+
+step bench-cache-8b 150 "$PY" benchmarks/bench_cache.py --model tiny-llama-8b-shape --device cuda --dtype bfloat16 \
+  --batches 1 32 --contexts 8192 --decode-tokens 16 --window 256 --chunk 1024 --block-size 256 \
+  --out "$OUTDIR/cache_gpu.json"
+step bench-train 150 "$PY" benchmarks/bench_train_gpu.py --seqs 2048 8192 --steps 20 --out "$OUTDIR/train_gpu.json"
+
+echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL)" | tee -a "$LOG"
+exit $status
