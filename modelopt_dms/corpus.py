@@ -25,6 +25,9 @@ __all__ = [
     "MIN_DOC_CHARS",
     "PYTHON_DOCS_GLOB",
     "build_documents",
+    "build_mixture_documents",
+    "build_mixture_sequences",
+    "mixture_counts",
     "build_token_sequences",
     "read_text_files",
     "split_token_stream",
@@ -150,3 +153,83 @@ def split_token_stream(
     for _, text in docs:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
     return stream
+
+
+def mixture_counts(available: dict[str, int], weights: dict[str, float], total: int | None) -> dict[str, int]:
+    """How many items to take from each source so that the shares follow ``weights``.
+
+    ``total`` (None: as many as the scarcest source allows at its share) is split in proportion
+    to the weights; a source with too few items raises, naming it and what it holds.
+    """
+    if not weights or any(w <= 0 for w in weights.values()):
+        raise ValueError(f"mixture weights must be positive, got {weights}")
+    norm = sum(weights.values())
+    share = {k: w / norm for k, w in weights.items()}
+    if total is None:
+        total = int(min(available[k] / share[k] for k in share))
+    counts = {k: int(share[k] * total) for k in share}
+    for k in sorted(share, key=lambda k: -share[k])[: total - sum(counts.values())]:
+        counts[k] += 1  # hand the rounding remainder to the largest shares
+    for k, n in counts.items():
+        if n > available[k]:
+            raise ValueError(
+                f"source {k!r} has {available[k]} items in this split but the mixture needs {n}: "
+                "lower max_sequences, its weight or seq_len"
+            )
+    return counts
+
+
+def build_mixture_sequences(
+    tokenizer,
+    sources: dict[str, float],
+    seq_len: int,
+    split: str = "train",
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    seed: int = DEFAULT_SPLIT_SEED,
+    max_sequences: int | None = None,
+    cache_dir: str | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Rows from several sources (names or globs) in the proportions of ``sources``' weights.
+
+    Each source is split into train/held-out by its own files, so every held-out set stays clean.
+    Returns the shuffled ``(N, seq_len)`` rows and the number of rows taken from each source.
+    """
+    per = {
+        name: build_token_sequences(tokenizer, name, seq_len, split, heldout_fraction, seed, None, cache_dir)
+        for name in sources
+    }
+    counts = mixture_counts({k: v.shape[0] for k, v in per.items()}, sources, max_sequences)
+    rows = torch.cat([per[k][: counts[k]] for k in sources])
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed + 2))
+    return rows[order], counts
+
+
+def build_mixture_documents(
+    tokenizer,
+    sources: dict[str, float],
+    split: str = "train",
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    seed: int = DEFAULT_SPLIT_SEED,
+    cache_dir: str | None = None,
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Whole documents of several sources for packing, with token shares following the weights.
+
+    Returns the documents (seeded order) and the tokens taken from each source.
+    """
+    per = {
+        name: build_documents(tokenizer, name, split, heldout_fraction, seed, cache_dir) for name in sources
+    }
+    tokens = {k: sum(len(d) for d in docs) for k, docs in per.items()}
+    budget = mixture_counts(tokens, sources, None)
+    out: list[list[int]] = []
+    taken = {}
+    for name, docs in per.items():
+        left = budget[name]
+        for doc in docs:
+            if left <= 0:
+                break
+            out.append(doc[:left])
+            left -= len(out[-1])
+        taken[name] = budget[name] - max(left, 0)
+    random.Random(seed + 2).shuffle(out)
+    return out, taken

@@ -240,3 +240,25 @@ def test_run_tiny_recipe_end_to_end(tiny_workdir, capsys):
     again = json.loads((run / "summary.json").read_text())
     assert again["final"] == summary["final"]
     assert [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] == log
+
+
+def test_run_a_recipe_on_a_mixture_of_sources(tiny_workdir, capsys):
+    import inspect
+    import shlex
+    import string
+
+    root, recipe_path = tiny_workdir
+    (root / "more").mkdir()
+    for mod in (shlex, string):
+        (root / "more" / f"{mod.__name__}.txt").write_text(inspect.getsource(mod))
+    raw = yaml.safe_load(recipe_path.read_text())
+    del raw["data"]["text_glob"]
+    raw["data"]["sources"] = {"text/*.txt": 3.0, "more/*.txt": 1.0}
+    raw["data"]["max_sequences"] = 8
+    raw["train"]["steps"] = 2
+    recipe_path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(recipe_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    data_line = next(line for line in out.splitlines() if line.startswith("[data]"))
+    assert "8 training sequences" in data_line and "rows more/*.txt 2, text/*.txt 6" in data_line, data_line
+    assert (root / "run" / "adapters").is_dir()

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from modelopt_dms import corpus, text_sources
 from modelopt_dms.text_sources import SOURCES, html_to_text, is_license_text, read_file, read_source
@@ -123,3 +124,71 @@ def test_installed_sources_split_without_overlap(name):
     assert not {os.path.realpath(p) for p, _ in train} & {os.path.realpath(p) for p, _ in held}
     assert not {t for _, t in train} & {t for _, t in held}
     assert not any(is_license_text(p) for p, _ in docs)
+
+
+# ------------------------------------------------------------------------------ mixtures
+def test_mixture_counts_follow_the_weights():
+    assert corpus.mixture_counts({"a": 100, "b": 100}, {"a": 3, "b": 1}, 40) == {"a": 30, "b": 10}
+    # no total: as many as the scarcest source allows at its share
+    assert corpus.mixture_counts({"a": 100, "b": 5}, {"a": 0.5, "b": 0.5}, None) == {"a": 5, "b": 5}
+    assert sum(corpus.mixture_counts({"a": 9, "b": 9, "c": 9}, {"a": 1, "b": 1, "c": 1}, 7).values()) == 7
+    with pytest.raises(ValueError, match=r"source 'b' has 5 items .* needs 20"):
+        corpus.mixture_counts({"a": 100, "b": 5}, {"a": 1, "b": 1}, 40)
+    with pytest.raises(ValueError, match="positive"):
+        corpus.mixture_counts({"a": 1}, {"a": 0}, None)
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    """Two globs of distinct documents and a tokenizer trained on them."""
+    from conftest import tiny_tokenizer
+
+    texts = {}
+    for name, word in (("alpha", "apples and pears "), ("beta", "rivers and hills ")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(20):
+            texts[f"{name}{i}"] = f"{name} document {i}: " + word * 150
+            (folder / f"{i}.txt").write_text(texts[f"{name}{i}"])
+    tok = tiny_tokenizer(list(texts.values()))
+    return tok, {str(tmp_path / "alpha" / "*.txt"): 3.0, str(tmp_path / "beta" / "*.txt"): 1.0}
+
+
+def test_mixture_rows_come_from_each_source_train_split_only(two_sources):
+    tok, sources = two_sources
+    rows, counts = corpus.build_mixture_sequences(tok, sources, 32, "train", 0.1, 0, max_sequences=40)
+    assert rows.shape == (40, 32) and list(counts.values()) == [30, 10]
+    held = {
+        src: {tuple(r.tolist()) for r in corpus.build_token_sequences(tok, src, 32, "heldout", 0.1, 0)}
+        for src in sources
+    }
+    train = {
+        src: {tuple(r.tolist()) for r in corpus.build_token_sequences(tok, src, 32, "train", 0.1, 0)}
+        for src in sources
+    }
+    got = [tuple(r.tolist()) for r in rows]
+    a, b = sources
+    assert sum(r in train[a] for r in got) == 30 and sum(r in train[b] for r in got) == 10
+    assert not any(r in held[a] | held[b] for r in got if r not in train[a] | train[b])
+    # the rows are shuffled across sources, deterministically
+    assert got != sorted(got, key=lambda r: r in train[b])
+    again, _ = corpus.build_mixture_sequences(tok, sources, 32, "train", 0.1, 0, max_sequences=40)
+    assert torch.equal(rows, again)
+
+
+def test_mixture_documents_share_tokens_by_weight(two_sources):
+    tok, sources = two_sources
+    docs, taken = corpus.build_mixture_documents(tok, sources, "train", 0.1, 0)
+    a, b = sources
+    assert taken[a] == pytest.approx(3 * taken[b], rel=0.02)
+    assert sum(len(d) for d in docs) == taken[a] + taken[b]
+
+
+def test_recipe_takes_sources_or_text_glob_not_both():
+    from modelopt_dms.training.recipe import DataSection
+
+    assert DataSection(sources={"python-docs": 1, "manpages": 1}).sources == {"python-docs": 1, "manpages": 1}
+    with pytest.raises(ValueError, match="not both"):
+        DataSection(sources={"python-docs": 1}, text_glob="x/*.txt")
+    with pytest.raises(ValueError, match="weight > 0"):
+        DataSection(sources={"python-docs": 0})

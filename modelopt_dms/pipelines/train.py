@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..corpus import build_documents, build_token_sequences
+from ..corpus import build_documents, build_mixture_documents, build_mixture_sequences, build_token_sequences
 from ..export.adapters import save_adapters
 from ..export.hf_checkpoint import check_export_target
 from ..export.onnx import check_onnx_target
@@ -109,21 +109,34 @@ def run_recipe(
 def _training_rows(recipe: TrainRecipe, tok, log) -> torch.Tensor | PackedRows:
     """The recipe's training rows: one document per row, or whole documents packed."""
     d = recipe.data
+    mix = ""
     if d.packing:
-        docs = build_documents(tok, d.text_glob, "train", d.heldout_fraction, d.seed)
+        if d.sources:
+            docs, taken = build_mixture_documents(
+                tok, d.sources, "train", d.heldout_fraction, d.seed, d.cache_dir
+            )
+            mix = ", tokens " + ", ".join(f"{k} {n}" for k, n in taken.items())
+        else:
+            docs = build_documents(tok, d.text_glob, "train", d.heldout_fraction, d.seed, d.cache_dir)
         rows = pack_documents(docs, d.seq_len, pad_id=tok.pad_token_id or 0)
         if d.max_sequences is not None:
             rows = rows[: d.max_sequences]
         n_docs = int((rows.doc_ids.max(-1).values + 1).sum())
-        log(f"[data] {rows.shape[0]} packed rows of {rows.shape[1]} tokens ({n_docs} documents)")
+        log(f"[data] {rows.shape[0]} packed rows of {rows.shape[1]} tokens ({n_docs} documents{mix})")
         return rows
-    seqs = build_token_sequences(
-        tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
-    )
+    if d.sources:
+        seqs, counts = build_mixture_sequences(
+            tok, d.sources, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
+        )
+        mix = "; rows " + ", ".join(f"{k} {n}" for k, n in counts.items())
+    else:
+        seqs = build_token_sequences(
+            tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
+        )
     seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
     log(
         f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
-        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%})"
+        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%}{mix})"
     )
     return seqs
 

@@ -25,11 +25,15 @@ __all__ = [
 class DataSection(Section):
     """Real text, tokenised into single-document sequences (cached on disk).
 
+    ``text_glob`` names one source; ``sources`` mixes several by weight (rows for one-document
+    sequences, tokens for packing), each split into train/held-out by its own files.
+
     ``chat_fraction`` / ``recall_fraction`` of the rows become chat-formatted continuation /
     recall conversations (instruct models; see ``training.chat_data``).
     """
 
-    text_glob: str = PYTHON_DOCS_GLOB
+    text_glob: str = PYTHON_DOCS_GLOB  # a named source (text_sources.SOURCES) or a glob of files
+    sources: dict[str, float] | None = None  # a mixture instead: source name or glob -> weight
     seq_len: int = Field(256, ge=8, le=65536)
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, gt=0.0, lt=1.0)
     max_sequences: int | None = Field(None, ge=1)
@@ -46,6 +50,12 @@ class DataSection(Section):
                 f"chat_fraction ({self.chat_fraction}) + recall_fraction ({self.recall_fraction}) "
                 "must be at most 1"
             )
+        if self.sources is not None:
+            if "text_glob" in self.model_fields_set:
+                raise ValueError("set data.sources or data.text_glob, not both")
+            bad = {k: w for k, w in self.sources.items() if not w > 0}
+            if not self.sources or bad:
+                raise ValueError(f"data.sources needs at least one source with a weight > 0, got {bad or {}}")
         if self.packing and (self.chat_fraction or self.recall_fraction):
             raise ValueError("packing does not combine with chat_fraction / recall_fraction yet; use one")
         return self
