@@ -1,9 +1,12 @@
-"""Evaluate trained DMS heads on held-out real text against the uncompressed model.
+"""Evaluate trained DMS heads on held-out real text of every source against the uncompressed model.
 
-Prints a markdown table and writes JSON + a PNG plot. Example:
+Fidelity (KL, token match, achieved CR) is measured per text source (each source's own held-out
+files, never trained on); pass keys (>= 24 per length by default: 3 depths x 8 seeds) are hidden
+in held-out ``--passkey-source`` text and carry Wilson 95% intervals. Prints markdown tables and
+writes JSON + md + a PNG plot. Example:
 
     .venv/bin/python benchmarks/eval_heads.py --adapters artifacts/smollm2_135m_dms_cr8 \
-        --contexts 1024 2048 4096 --out benchmarks/results/heads/heads_cr8.json
+        --contexts 2048 --out benchmarks/results/heads/heads_cr8.json
 """
 
 from __future__ import annotations
@@ -19,24 +22,44 @@ import time
 import torch
 
 import modelopt_dms as dms
-from modelopt_dms.corpus import DEFAULT_CACHE_DIR, PYTHON_DOCS_GLOB, build_token_sequences, split_token_stream
+from modelopt_dms.corpus import DEFAULT_CACHE_DIR, build_token_sequences, split_token_stream
 from modelopt_dms.evaluation import fidelity_on_text, passkey_accuracy, passkey_samples
+from modelopt_dms.text_sources import SOURCES, source_files
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _heldout_windows(tok, sources: list[str], contexts: list[int], texts: int) -> dict:
+    """``{source: {context: (n, context) ids}}`` of held-out windows; sources without one are left out."""
+    out: dict = {}
+    for src in sources:
+        for c in contexts:
+            try:
+                rows = build_token_sequences(
+                    tok, src, c, "heldout", max_sequences=texts, cache_dir=DEFAULT_CACHE_DIR
+                )
+            except (FileNotFoundError, ValueError) as err:
+                log(f"[skip] {src} @ {c}: {err}")
+                continue
+            out.setdefault(src, {})[c] = rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
+    installed = [name for name in SOURCES if source_files(name)]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--adapters", action="append", required=True, help="adapters dir(s); repeat to compare")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
-    p.add_argument("--texts", type=int, default=2, help="held-out text windows per context")
+    p.add_argument("--sources", nargs="+", default=installed, help="text sources for fidelity")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048])
+    p.add_argument("--texts", type=int, default=2, help="held-out text windows per (source, context)")
     p.add_argument("--generate", type=int, default=64)
+    p.add_argument("--passkey-source", default="python-docs", help="held-out filler text for pass keys")
     p.add_argument("--passkey-contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--passkey-seeds", type=int, default=2)
+    p.add_argument("--passkey-seeds", type=int, default=8, help="pass keys per (length, depth)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/heads/heads_eval.json")
     args = p.parse_args(argv)
@@ -44,25 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     base, tok = dms.load_model(args.model)
     results = {
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
-        "heldout": "python3-doc .rst.txt files in the held-out split (5% of files, seed 0), never trained on",
+        "heldout": "each source's held-out files (5% of its distinct files, seed 0), never trained on",
         "methods": {},
     }
-    held = {
-        c: build_token_sequences(
-            tok,
-            PYTHON_DOCS_GLOB,
-            c,
-            "heldout",
-            max_sequences=args.texts,
-            cache_dir=DEFAULT_CACHE_DIR,
-        )
-        for c in args.contexts
-    }
-    stream = split_token_stream(tok, PYTHON_DOCS_GLOB, "heldout")
+    held = _heldout_windows(tok, args.sources, args.contexts, args.texts)
+    stream = split_token_stream(tok, args.passkey_source, "heldout", cache_dir=DEFAULT_CACHE_DIR)
     samples = passkey_samples(tok, stream, args.passkey_contexts, args.passkey_depths, args.passkey_seeds)
 
     for i, adapters in enumerate(args.adapters):
@@ -71,16 +84,18 @@ def main(argv: list[str] | None = None) -> dict:
         window = dms.dms_config(model).window_size
         name = os.path.basename(os.path.normpath(adapters))
         entry = {"adapters": adapters, "window_size": window, "fidelity": {}, "passkey": {}}
-        for c in args.contexts:
-            rows = []
-            for j in range(held[c].shape[0]):
-                r = fidelity_on_text(model, held[c][j : j + 1], window, args.generate)
-                rows.append(r.to_dict())
-                log(
-                    f"[{name}] ctx {c} text {j}: CR {r.compression_ratio:.2f} KL {r.kl_per_token:.4f} "
-                    f"match {r.token_match:.3f} ppl {r.ppl_teacher:.2f}->{r.ppl_student:.2f}"
-                )
-            entry["fidelity"][c] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        for src, by_ctx in held.items():
+            for c, windows in by_ctx.items():
+                rows = []
+                for j in range(windows.shape[0]):
+                    r = fidelity_on_text(model, windows[j : j + 1], window, args.generate)
+                    rows.append(r.to_dict())
+                    log(
+                        f"[{name}] {src} ctx {c} text {j}: CR {r.compression_ratio:.2f} "
+                        f"KL {r.kl_per_token:.4f} match {r.token_match:.3f}"
+                    )
+                avg = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+                entry["fidelity"].setdefault(src, {})[c] = {**avg, "n": len(rows)}
         for c in args.passkey_contexts:
             subset = [s for s in samples if s.context_tokens == c]
             dms_res = passkey_accuracy(model, tok, subset)
@@ -90,42 +105,58 @@ def main(argv: list[str] | None = None) -> dict:
                 results.setdefault("passkey_uncompressed", {})[c] = {
                     k: v for k, v in base_res.items() if k != "answers"
                 }
-                log(f"[uncompressed] passkey ctx {c}: {base_res['accuracy']:.2f}")
+                log(f"[uncompressed] passkey ctx {c}: {base_res['correct']}/{base_res['n']}")
             entry["passkey"][c] = {k: v for k, v in dms_res.items() if k != "answers"}
             log(
-                f"[{name}] passkey ctx {c}: {dms_res['accuracy']:.2f} (CR {dms_res['compression_ratio']:.2f})"
+                f"[{name}] passkey ctx {c}: {dms_res['correct']}/{dms_res['n']} "
+                f"(CR {dms_res['compression_ratio']:.2f})"
             )
         results["methods"][name] = entry
     results["seconds"] = round(time.time() - t_start, 1)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    table = render(results)
+    print(table)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(f"Command: `{results['command']}` ({results['seconds'] / 60:.0f} min)\n\n{table}\n")
+    _plot(results, os.path.splitext(args.out)[0] + ".png")
+    return results
+
+
+def _pk(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return f"{r['correct']}/{r['n']} = {100 * r['accuracy']:.0f}% ({100 * lo:.0f}\u2013{100 * hi:.0f})"
+
+
+def render(results: dict) -> str:
+    """Markdown: fidelity per (heads, source, context), then pass keys with Wilson 95% intervals."""
     lines = [
-        "| heads | context | achieved CR | KL (nats/tok) | KL after window | token match | ppl dense->DMS |",
-        "|---|---|---|---|---|---|---|",
+        "| heads | source | context | texts | achieved CR | KL (nats/tok) | KL after window | token match |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["methods"].items():
-        for c, r in e["fidelity"].items():
-            lines.append(
-                f"| {name} | {c} | {r['compression_ratio']:.2f} | {r['kl_per_token']:.4f} | "
-                f"{r['kl_per_token_after_window']:.4f} | {r['token_match']:.3f} | "
-                f"{r['ppl_teacher']:.2f} -> {r['ppl_student']:.2f} |"
-            )
+        for src, by_ctx in e["fidelity"].items():
+            for c, r in by_ctx.items():
+                cells = [name, src, c, r["n"], f"{r['compression_ratio']:.2f}", f"{r['kl_per_token']:.4f}"]
+                cells += [f"{r['kl_per_token_after_window']:.4f}", f"{r['token_match']:.3f}"]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += [
         "",
-        "| heads | passkey context | accuracy | uncompressed | achieved CR |",
+        "| heads | pass-key context | DMS (95% CI) | uncompressed (95% CI) | achieved CR |",
         "|---|---|---|---|---|",
     ]
     for name, e in results["methods"].items():
         for c, r in e["passkey"].items():
-            u = results["passkey_uncompressed"][c]["accuracy"]
-            lines.append(f"| {name} | {c} | {r['accuracy']:.2f} | {u:.2f} | {r['compression_ratio']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"Command: `{results['command']}`\n\n{table}\n")
-    _plot(results, os.path.splitext(args.out)[0] + ".png")
-    return results
+            u = results["passkey_uncompressed"][c]
+            lines.append(f"| {name} | {c} | {_pk(r)} | {_pk(u)} | {r['compression_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def statistics_mean(by_ctx: dict) -> float:
+    """Mean KL over a source's contexts (nan when the source had no held-out window)."""
+    vals = [r["kl_per_token"] for r in by_ctx.values()]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _plot(results: dict, path: str) -> None:
@@ -137,17 +168,34 @@ def _plot(results: dict, path: str) -> None:
     except ImportError:
         log("matplotlib missing: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, e in results["methods"].items():
-        ctx = sorted(e["fidelity"], key=int)
-        axes[0].plot(
-            [int(c) for c in ctx], [e["fidelity"][c]["compression_ratio"] for c in ctx], "o-", label=name
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(results["methods"])
+    sources = sorted({src for e in results["methods"].values() for src in e["fidelity"]})
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        fid = results["methods"][name]["fidelity"]
+        kl = [statistics_mean(fid.get(src, {})) for src in sources]
+        axes[0].bar([x + k * width for x in range(len(sources))], kl, width, label=name)
+        pk = results["methods"][name]["passkey"]
+        ctx = sorted(pk, key=int)
+        acc = [100 * pk[c]["accuracy"] for c in ctx]
+        err = [
+            [a - 100 * pk[c]["ci95"][0] for a, c in zip(acc, ctx, strict=True)],
+            [100 * pk[c]["ci95"][1] - a for a, c in zip(acc, ctx, strict=True)],
+        ]
+        axes[1].errorbar([int(c) for c in ctx], acc, yerr=err, fmt="o-", capsize=3, label=name)
+    unc = results.get("passkey_uncompressed", {})
+    if unc:
+        ctx = sorted(unc, key=int)
+        axes[1].plot(
+            [int(c) for c in ctx], [100 * unc[c]["accuracy"] for c in ctx], "k*--", label="uncompressed"
         )
-        axes[1].plot([int(c) for c in ctx], [e["fidelity"][c]["kl_per_token"] for c in ctx], "o-", label=name)
-    axes[0].set(xlabel="context tokens", ylabel="achieved compression ratio", title="KV compression")
-    axes[1].set(xlabel="context tokens", ylabel="KL(teacher||student) nats/token", title="fidelity")
+    axes[0].set_xticks([x + 0.4 - width / 2 for x in range(len(sources))], sources, rotation=20, fontsize=8)
+    axes[0].set(ylabel="KL(teacher||student) nats/token", title="fidelity per held-out source")
+    axes[1].set(xlabel="context tokens", ylabel="pass keys found (%), 95% CI", title="pass-key retrieval")
+    axes[1].set_xscale("log", base=2)
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

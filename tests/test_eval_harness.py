@@ -14,7 +14,13 @@ import modelopt_dms as dms
 from modelopt_dms.evaluation.config import EvalConfig as EvalSection
 from modelopt_dms.evaluation.harness import evaluate_sample, task_cells
 from modelopt_dms.evaluation.methods import DenseMethod, DMSMethod, PressMethod, make_press
-from modelopt_dms.evaluation.metrics import mean_kl, needle_recall, perplexity, top1_agreement
+from modelopt_dms.evaluation.metrics import (
+    mean_kl,
+    needle_recall,
+    perplexity,
+    top1_agreement,
+    wilson_interval,
+)
 from modelopt_dms.evaluation.report import (
     goal_checks,
     render_markdown,
@@ -331,7 +337,16 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
         "records": records,
     }
     md = render_markdown(results)
-    assert "| dms@cr4 | 2 | 75.0 |" in md and "FAIL" in md and "KL (nats)" in md and "n/a (both 0)" in md
+    assert row["dms@cr4"]["ci95"] == list(wilson_interval(1.5, 2)) and "fidelity" not in [
+        t for t, rows in summary.items() if "ci95" in rows[0]
+    ]
+    assert (
+        "| dms@cr4 | 2 | 75.0 (20\u201397) |" in md
+        and "Wilson 95%" in md
+        and "FAIL" in md
+        and "KL (nats)" in md
+        and "n/a (both 0)" in md
+    )
     paths = write_report(results, str(tmp_path))
     assert (tmp_path / "pareto_needle.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["goal_checks"]
@@ -460,3 +475,15 @@ def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys)
     assert main(["eval", "noeval.yaml"]) == 2
     assert main(["eval", "eval.yaml", "--time-budget-min", "-1"]) == 2
     assert "no eval section" in capsys.readouterr().err
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # Newcombe (1998) / any statistics table: 5/10 -> (0.2366, 0.7634), 0/10 -> (0, 0.2775)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-5)
+    assert wilson_interval(3, 3) == pytest.approx((0.43849, 1.0), abs=1e-5)
+    lo, hi = wilson_interval(24, 24)
+    assert hi == 1.0 and 0.86 < lo < 0.87  # 24 keys: a 100% score still only proves > 86%
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(4, 3)

@@ -35,7 +35,7 @@ class EvalConfig(Section):
     multi_needle_contexts: list[int] = Field(default_factory=lambda: [1024])
     n_needles: int = Field(3, ge=2, le=5)
     multi_turn_contexts: list[int] = Field(default_factory=lambda: [1024])
-    rounds: int = Field(3, ge=1, le=1000)
+    rounds: int = Field(24, ge=1, le=1000)  # one sample of every cell per round: 24 pass keys per length
     time_budget_min: float | None = Field(None, gt=0.0)
     press_window: int = Field(64, ge=0)
     calib_sequences: int = Field(8, ge=1, le=4096)

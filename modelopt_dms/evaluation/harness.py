@@ -206,7 +206,7 @@ def run_comparison(
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "methods": [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods],
-        "heldout": "python3-doc files of the held-out split (never trained on)",
+        "heldout": f"held-out split of {cfg.text_glob} (distinct files, never trained on)",
     }
     return {"meta": meta, "records": records}
 

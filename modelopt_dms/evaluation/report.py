@@ -7,6 +7,7 @@ from collections import defaultdict
 from statistics import mean
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .metrics import wilson_interval
 
 __all__ = ["goal_checks", "render_markdown", "summarize", "update_readme", "write_report"]
 
@@ -47,6 +48,11 @@ def summarize(records: list[dict]) -> dict[str, list[dict]]:
         if task == "fidelity":
             row["kl"] = mean(r["kl"] for r in rs)
             row["ppl"] = mean(r["ppl"] for r in rs)
+        else:  # one answer per sample: a success rate, with its Wilson 95% interval
+            row["ci95"] = list(wilson_interval(sum(r["score"] for r in rs), len(rs)))
+            row["n_by_context"] = {
+                c: sum(r["context_tokens"] == c for r in rs) for c in row["by_context"]
+            }
         out.setdefault(task, []).append(row)
     for rows in out.values():
         rows.sort(key=lambda x: order.index(x["method"]))
@@ -94,6 +100,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _ci(ci: list[float]) -> str:
+    return f"{100 * ci[0]:.0f}\u2013{100 * ci[1]:.0f}"
+
+
 def render_markdown(results: dict) -> str:
     """The full comparison as markdown: one table per task, then the goal checks."""
     meta, summary = results["meta"], summarize(results["records"])
@@ -104,13 +114,14 @@ def render_markdown(results: dict) -> str:
         "Kept tokens are counted at question time (after the last input segment; mean over layers and "
         "KV heads). Presses compress the long first segment at prefill and are matched per sample to the "
         "DMS model of the same budget (`@cr4`, `@cr8`); CR = input tokens / kept tokens. KV MiB is what the "
-        "cache holds (DMSPress masks entries but keeps them in memory).",
+        "cache holds (DMSPress masks entries but keeps them in memory). Retrieval accuracies carry "
+        "Wilson 95% intervals over the n answers: differences inside them are noise.",
         "",
     ]
     for task, rows in summary.items():
         contexts = sorted({c for r in rows for c in r["by_context"]})
         fid = task == "fidelity"
-        head = ["method", "n", "top-1 agree %" if fid else "accuracy %"]
+        head = ["method", "n", "top-1 agree %" if fid else "accuracy % (95% CI)"]
         head += ["KL (nats)", "ppl"] if fid else []
         head += [f"@{c}" for c in contexts] if len(contexts) > 1 else []
         head += ["CR", "kept tokens", "KV MiB"]
@@ -121,7 +132,8 @@ def render_markdown(results: dict) -> str:
             "|" + "---|" * len(head),
         ]
         for r in rows:
-            cells = [r["method"], str(r["n"]), _pct(r["score"])]
+            score = _pct(r["score"]) if fid else f"{_pct(r['score'])} ({_ci(r['ci95'])})"
+            cells = [r["method"], str(r["n"]), score]
             cells += [f"{r['kl']:.4f}", f"{r['ppl']:.2f}"] if fid else []
             cells += (
                 [_pct(r["by_context"].get(c, float("nan"))) for c in contexts] if len(contexts) > 1 else []

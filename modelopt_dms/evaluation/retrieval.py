@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .methods import DMSMethod
-from .metrics import needle_recall
+from .metrics import needle_recall, wilson_interval
 from .tasks import EvalSample, make_needle_sample
 
 __all__ = ["passkey_accuracy", "passkey_samples"]
@@ -35,7 +35,7 @@ def passkey_samples(
 
 @torch.inference_mode()
 def passkey_accuracy(model: nn.Module, tokenizer, samples: list[EvalSample]) -> dict:
-    """Greedy answers of a DMS model (its compact cache); accuracy, achieved CR, KV bytes, answers."""
+    """Greedy answers of a DMS model (its compact cache): accuracy (+ Wilson 95% interval), CR, KV bytes."""
     method = DMSMethod(model, tokenizer, "passkey")
     scores, crs, kv_bytes, answers = [], [], 0, []
     for s in samples:
@@ -45,10 +45,12 @@ def passkey_accuracy(model: nn.Module, tokenizer, samples: list[EvalSample]) -> 
         scores.append(needle_recall(answer, s.answers))
         crs.append(res.input_tokens / max(res.kept_tokens, 1e-9))
         kv_bytes += res.kv_bytes
+    lo, hi = wilson_interval(sum(scores), len(samples))
     return {
         "accuracy": sum(scores) / max(1, len(samples)),
         "n": len(samples),
         "correct": int(sum(scores)),
+        "ci95": [round(lo, 4), round(hi, 4)],
         "compression_ratio": sum(crs) / len(crs) if crs else 1.0,
         "kv_bytes_allocated": kv_bytes,
         "answers": answers,
