@@ -1,0 +1,90 @@
+"""benchmarks/ablate.py on a tiny model: variants at an equal token budget, resumable, one table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import stdlib_texts, tiny_chat_tokenizer, tiny_model
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def ablate(tmp_path, monkeypatch):
+    texts = stdlib_texts()
+    (tmp_path / "text").mkdir()
+    for name, text in texts.items():
+        for k in range(3):
+            (tmp_path / "text" / f"{k}_{name}").write_text(f"Part {k}.\n" + text)
+    tok = tiny_chat_tokenizer(list(texts.values()))
+    tiny_model("llama", max_position_embeddings=1024).save_pretrained(tmp_path / "tiny_model")
+    tok.save_pretrained(tmp_path / "tiny_model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(BENCH))
+    for mod in ("ablate", "eval_heads", "common"):
+        sys.modules.pop(mod, None)
+    import ablate
+
+    return ablate, tmp_path
+
+
+EVAL = ["--sources", "text/*", "--contexts", "64", "--texts", "1", "--generate", "4"]
+EVAL += ["--passkey-source", "text/*", "--passkey-contexts", "700", "--passkey-depths", "0.5"]
+EVAL += ["--passkey-seeds", "2", "--threads", "1"]
+
+
+def test_ablation_trains_each_variant_once_and_tables_them(ablate):
+    mod, root = ablate
+    spec = {
+        "base": str(TINY),
+        "root": "abl",
+        "eval": EVAL,
+        "variants": {"base": {}, "window2": {"dms.window_size": 2}, "lr": {"train.lr": 0.01}},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = root / "res" / "abl.json"
+    payload = mod.main(["spec.yaml", "--out", str(out), "--threads", "1"])
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"base", "window2", "lr"}
+    assert len({r["tokens"] for r in rows.values()}) == 1 and rows["base"]["tokens"] == 6 * 2 * 32
+    assert all(r["train_seconds"] > 0 and r["passkey"]["700"]["n"] == 2 for r in rows.values()), rows
+    trained = {n: json.loads((root / "abl" / n / "adapters" / "dms_adapters.json").read_text()) for n in rows}
+    assert trained["window2"]["dms_config"]["window_size"] == 2
+    assert trained["base"]["dms_config"]["window_size"] == 4
+    md = out.with_suffix(".md").read_text()
+    assert "| window2 | dms.window_size=2 |" in md and "95% CI" in md and out.with_suffix(".png").exists()
+
+    # a second invocation retrains nothing and reuses every evaluation
+    stamps = {n: (root / "abl" / n / "eval.json").stat().st_mtime_ns for n in rows}
+    log = (root / "abl" / "base" / "train_log.jsonl").read_text()
+    again = mod.main(["spec.yaml", "--out", str(out), "--threads", "1"])
+    assert {n: (root / "abl" / n / "eval.json").stat().st_mtime_ns for n in rows} == stamps
+    assert (root / "abl" / "base" / "train_log.jsonl").read_text() == log
+    assert [r["kl_mean"] for r in again["rows"]] == [r["kl_mean"] for r in payload["rows"]]
+
+
+def test_a_variant_with_another_token_budget_is_refused(ablate):
+    mod, root = ablate
+    spec = {"base": str(TINY), "root": "abl", "variants": {"base": {}, "long": {"data.seq_len": 64}}}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"'long' trains 768 tokens, the first variant 384.*train.steps"):
+        mod.main(["spec.yaml", "--out", str(root / "x.json")])
+    assert not (root / "abl" / "base").exists()  # refused before anything trained
+
+
+def test_overrides_set_nested_keys_and_remove_with_null(ablate):
+    mod, _ = ablate
+    raw = {"data": {"text_glob": "a", "seq_len": 8}, "train": {"lr": 1}}
+    out = mod.apply_overrides(raw, {"data.text_glob": None, "data.sources": {"x": 1}, "train.lr": 2})
+    assert out == {"data": {"seq_len": 8, "sources": {"x": 1}}, "train": {"lr": 2}}
+    assert raw["data"]["text_glob"] == "a"
+    with pytest.raises(ValueError, match="not a section"):
+        mod.apply_overrides(raw, {"train.lr.x": 1})
