@@ -86,6 +86,12 @@ class RowBook:
         return self.max_length_bound
 
     # ------------------------------------------------------------------ shared pieces
+    def _ring_step(self, like: torch.Tensor) -> torch.Tensor:
+        """``[-1, 0]`` on the book's device (ring offsets of t - 1 and t - W = t + 1 - W ≡ t)."""
+        if getattr(self, "_ring_offsets", None) is None:
+            self._ring_offsets = torch.tensor([-1, 0], dtype=like.dtype, device=like.device)
+        return self._ring_offsets
+
     def _ring_at(self, index: torch.Tensor) -> torch.Tensor:
         """``ring[b, h, index[b] % W]`` -> (B, H)."""
         idx = (index % self.big_w)[:, None, None].expand(-1, self.heads, 1)
@@ -112,25 +118,25 @@ class RowBook:
         """
         t = self.seen
         heads = self.heads
-        ring_idx = torch.stack([(t - 1) % self.big_w, t % self.big_w], dim=-1)  # (B, 2)
+        ring_idx = (t[:, None] + self._ring_step(t)) % self.big_w  # (B, 2): ring of t - 1 and of t - W
         ring_idx = ring_idx[:, None, :].expand(-1, heads, 2)
         prev_leave = self.ring.gather(-1, ring_idx)  # (B, H, 2): slots of t - 1 and of t - W
-        ok = (prev_leave >= 0) & torch.stack([t >= 1, t >= self.big_w], dim=-1)[:, None, :]
+        # a ring entry is -1 until its position is written (and again once a chunk moved past it),
+        # so ">= 0" alone says "t >= 1" / "t >= W" and that the token is stored
+        ok = prev_leave >= 0
         if real is not None:
             ok = ok & real[:, None, None]
         slots2 = prev_leave.clamp_min(0)
-        flags2 = self.flag.gather(-1, slots2)  # (B, H, 2)
-        prev_flag = torch.where(ok[..., 0], decisions, flags2[..., 0])  # settled d_t for t - 1
-        leave_slot = slots2[..., 1]
         # the leaving token is t - W >= 1 behind, never t - 1: its flag is already settled
-        reuse = ok[..., 1] & flags2[..., 1]
+        leave_slot = slots2[..., 1]
+        reuse = ok[..., 1] & self.flag.gather(-1, leave_slot[..., None])[..., 0]
         slot = torch.where(reuse, leave_slot, self.length)  # rows without a token: the first free slot
-        # one scatter sets both flags: t - 1 settled, the new token pending (False); without a
-        # settled t - 1 both writes go to the new slot with the same value (no write conflict)
-        pending = torch.zeros_like(reuse)
-        prev_slot = torch.where(ok[..., 0], slots2[..., 0], slot)
-        prev_flag = torch.where(ok[..., 0], prev_flag, pending)
-        self.flag.scatter_(-1, torch.stack([prev_slot, slot], -1), torch.stack([prev_flag, pending], -1))
+        # one scatter sets both flags: t - 1 settled to d_t, the new token pending (False); without
+        # a settled t - 1 both writes go to the new slot with the same value (no write conflict)
+        ok_prev = ok[..., 0]
+        prev_slot = torch.where(ok_prev, slots2[..., 0], slot)
+        both = torch.stack([prev_slot, slot], -1)
+        self.flag.scatter_(-1, both, torch.stack([decisions & ok_prev, torch.zeros_like(reuse)], -1))
         self.pos.scatter_(-1, slot[..., None], t[:, None, None].expand(-1, heads, 1))
         new_ring = slot if real is None else torch.where(real[:, None], slot, prev_leave[..., 1])
         self.ring.scatter_(-1, ring_idx[..., 1:], new_ring[..., None])
