@@ -350,6 +350,34 @@ def test_train_all_weights_changes_base_weights(tmp_path):
         assert n in changed, (n, sorted(changed))
 
 
+def test_train_all_weights_distils_from_the_original_weights(tmp_path, monkeypatch):
+    """The teacher is a frozen copy of the model as it came in, not the drifting student."""
+    import copy
+
+    model, seqs = build()
+    original = copy.deepcopy(model)
+    seen = []
+    real_kl = trainer_mod.distillation_kl
+
+    def spy(student_logits, teacher_logits, *a, **k):
+        seen.append(teacher_logits.detach().clone())
+        return real_kl(student_logits, teacher_logits, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "distillation_kl", spy)
+    cfg = TrainConfig(
+        steps=4, lr=1e-2, batch_size=2, cr_end=4.0, anneal_steps=2, checkpoint_every=0, train_all_weights=True
+    )
+    train(model, seqs, cfg, str(tmp_path), progress=False)
+    assert len(seen) == 4  # the fused KL would share the student's (training) lm_head: not used here
+    batch = seqs[6:8]  # the rows of step 4 (steps take rows 0-1, 2-3, 4-5, 6-7)
+    with torch.no_grad(), dms.eviction_disabled(original):
+        want = original(input_ids=batch, use_cache=False).logits
+    torch.testing.assert_close(seen[-1], want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), dms.eviction_disabled(model):
+        drifted = model(input_ids=batch, use_cache=False).logits
+    assert (drifted - want).abs().max() > 1e-2  # the trained model's own teacher mode has moved
+
+
 def test_borrowed_neuron_needs_train_all_weights(tmp_path):
     model = dms.apply_dms(tiny_model("llama"), {"window_size": 4, "decision": "borrowed_neuron"})
     seqs = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

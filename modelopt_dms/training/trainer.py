@@ -1,13 +1,16 @@
 """Distillation trainer for DMS decision heads (docs/design.md §2, "Distillation").
 
 The teacher is the same model under :func:`modelopt_dms.eviction_disabled` (no second copy of the
-weights). Loss = KL(teacher ‖ student) per token + ``compression_weight`` × one-sided compression
-loss against the linearly annealed target ratio. Checkpoints are atomic and hold everything
-needed to resume the same loss curve (DMS state, optimizer, step, RNG).
+weights) while only the DMS adapters train; with ``train_all_weights`` it is a frozen copy of the
+model as passed in (the original weights), so the target does not drift with the student.
+Loss = KL(teacher ‖ student) per token + ``compression_weight`` × one-sided compression loss
+against the linearly annealed target ratio. Checkpoints are atomic and hold everything needed
+to resume the same loss curve (DMS state, optimizer, step, RNG).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -113,18 +116,38 @@ def _kl_view(batch: dict, window: int, beyond_window: bool) -> tuple[slice, torc
     return slice(None), beyond if valid is None else valid & beyond
 
 
-def _losses(model, batch, config: TrainConfig, f_target: float, hidden: _FinalHidden, teacher_cache):
-    """Student (and teacher) forward of one micro-batch; returns ``(loss, kl, compression, rate)``."""
+def frozen_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode, no gradients): the teacher when every weight trains."""
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def _losses(
+    model,
+    batch,
+    config: TrainConfig,
+    f_target: float,
+    hidden: _FinalHidden,
+    teacher_cache,
+    teacher_model=None,
+):
+    """Student (and teacher) forward of one micro-batch; returns ``(loss, kl, compression, rate)``.
+
+    ``teacher_model``: a frozen copy to take the teacher from (None: ``model`` itself).
+    """
     kw = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
     ids = batch["input_ids"]
     keep, weights = _kl_view(batch, dms_config(model).window_size, config.kl_beyond_window)
-    fused = config.fused_kl and config.kl_direction == "forward" and not config.fsdp
-    logits_to_keep = 1 if fused else 0  # fused: the KL reads hidden states, no full logits are made
+    # fused: the KL reads hidden states through the student's lm_head, so the teacher must share it
+    fused = config.fused_kl and config.kl_direction == "forward" and not config.fsdp and teacher_model is None
+    logits_to_keep = 1 if fused else 0  # fused: no full logits are made
     if teacher_cache is not None:
         teacher = teacher_cache.get(model, batch, keep)
     else:
-        with torch.no_grad(), eviction_disabled(model):
-            t_out = model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
+        source = model if teacher_model is None else teacher_model
+        with torch.no_grad(), eviction_disabled(source):
+            t_out = source(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
         teacher = hidden.take()[:, keep] if fused else t_out.logits[:, keep]
     s_out = model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
     s_hidden = hidden.take()
@@ -167,6 +190,8 @@ def train(
         )
     device = next(model.parameters()).device
     compute_dtype = next(model.parameters()).dtype
+    # every weight trains: the teacher is the model as it came in (before resuming or sharding)
+    teacher_model = frozen_teacher(model) if config.train_all_weights else None
     sharding = {}
     if config.fsdp and not is_sharded(model):
         _upcast_trainable(_trainable(model, config.train_all_weights))  # dtype and requires_grad first
@@ -213,7 +238,9 @@ def train(
                 batch = _micro_batch(sequences, first, config, device, compute_dtype)
                 set_step(model, step, rows=batch["rows"])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                    loss, kl, comp, rate = _losses(model, batch, config, f_target, hidden, teacher_cache)
+                    loss, kl, comp, rate = _losses(
+                        model, batch, config, f_target, hidden, teacher_cache, teacher_model
+                    )
                 (loss / config.grad_accum).backward()
                 totals += torch.stack([loss, kl, comp, rate]).detach().float() / config.grad_accum
             if world_size > 1:
