@@ -90,6 +90,27 @@ def test_decode_step_ops_do_not_grow_with_the_batch_and_never_sync(layout):
     assert counts[16] <= 4 * dense.total, (counts, dense.total)
 
 
+def test_padding_is_read_off_the_mask_once_per_forward(monkeypatch):
+    """Every layer gets the same mask object: the real tokens are derived once, not per layer."""
+    from modelopt_dms.cache import dms_cache as cache_mod
+
+    calls = []
+    real_fn = cache_mod.diagonal_validity
+
+    def spy(*a, **k):
+        calls.append(a[1:])
+        return real_fn(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "diagonal_validity", spy)
+    model = dms_model(num_hidden_layers=3)
+    ids, mask = padded_batch([5, 9], 9)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 13)
+    assert len(calls) == 4  # prefill + 3 decode steps through the cache: once each, not x 3 layers
+    assert len({c for c in calls}) == 4  # each with its own (q_len, past, batch)
+
+
 def test_many_decode_steps_sync_only_when_the_storage_grows():
     model = dms_model(window=2, std=0.0)  # untrained: nothing evicted, every step appends
     ids = torch.randint(3, 128, (4, 20))

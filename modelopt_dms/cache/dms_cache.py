@@ -157,6 +157,7 @@ class DMSCache(Cache):
         self.block_size = block_size
         self.page_size = page_size
         self.prefill_chunk_size = prefill_chunk_size
+        self._real_memo: tuple | None = None  # (mask, (q_len, past, batch), real) of the last layer
 
     # ------------------------------------------------------------------ layers
     def _layer(self, layer_idx: int, dms_window: int | None) -> CacheLayerMixin:
@@ -244,11 +245,22 @@ class DMSCache(Cache):
         if not isinstance(layer, DMSLayerAdapter):
             raise RuntimeError(f"layer {layer_idx} of this DMSCache already holds dense keys/values")
         bsz, _, q_len, _ = query.shape
-        real = diagonal_validity(attention_mask, q_len, layer.dms.logical, bsz)  # None: all real
+        real = self._real_tokens(attention_mask, q_len, layer.dms.logical, bsz)  # None: all real
         if layer.dms.book is None and callable(kv_scales):
             kv_scales = kv_scales()
         out = layer.dms.attend(query, key, value, decisions.bool(), real, scaling, kv_scales)
         return out.transpose(1, 2)
+
+    def _real_tokens(self, mask: Any, q_len: int, past: int, bsz: int) -> torch.Tensor | None:
+        """Which new tokens are real, read off the mask once per forward (every layer gets the same mask)."""
+        if mask is None:
+            return None
+        memo = self._real_memo
+        if memo is not None and memo[0] is mask and memo[1] == (q_len, past, bsz):
+            return memo[2]
+        real = diagonal_validity(mask, q_len, past, bsz)
+        self._real_memo = (mask, (q_len, past, bsz), real)
+        return real
 
     # ------------------------------------------------------------------ memory and inspection
     def release(self, batch_index: int | None = None) -> None:
