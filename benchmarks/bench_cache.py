@@ -128,6 +128,15 @@ def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> d
     return res
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One record of repeated runs: the medians of the timings, the rest from the first run."""
+    out = dict(runs[0])
+    for key in ("prefill_s", "prefill_tok_s", "decode_step_ms_median", "decode_tok_s"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["repeats"] = len(runs)
+    return out
+
+
 def load(args):
     """(base model, tokenizer or None) on the requested device and dtype."""
     dtype = getattr(torch, args.dtype)
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=256, help="DMSCache prefill_chunk_size (0 = one piece)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (medians reported)")
     p.add_argument("--out", type=Path, default=RESULTS / "cache" / "cache_bench.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -281,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                 ctx = min(requested, max_pos - args.decode_tokens - 1)
                 ids = torch.stack([text[i * ctx : (i + 1) * ctx] for i in range(bsz)])
                 row = {"batch": bsz, "requested": requested, "context": ctx}
-                for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):
-                    row[kind] = run_once(model, kind, ids, args.decode_tokens, args)
+                runs: dict[str, list[dict]] = {k: [] for k in CACHES}
+                for _ in range(args.repeats):  # interleaved: dynamic, static, dms, dynamic, ...
+                    for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):
+                        runs[kind].append(run_once(model, kind, ids, args.decode_tokens, args))
+                for kind in CACHES:
+                    row[kind] = median_run(runs[kind])
                     m = row[kind]
                     log(
                         f"b{bsz:3d} ctx {ctx:5d} {kind:7s}: prefill {m['prefill_tok_s']:9.1f} tok/s, decode "
@@ -305,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     md = (
         f"# {title}\n\n- command: `{env['command']}`\n- torch {env['torch']}, transformers "
-        f"{env['transformers']}, {env['threads']} threads, {env['cpu_model']}\n\n{table}\n\n## Targets\n\n"
+        f"{env['transformers']}, {env['threads']} threads, {env['cpu_model']}\n"
+        f"- {args.repeats} interleaved runs per cell (dynamic, static, DMS in turn), medians; a run's decode "
+        f"speed is the median of its {args.decode_tokens - 2} timed greedy steps\n\n{table}\n\n## Targets\n\n"
         + "\n".join(f"- {line}" for line in lines)
         + "\n"
     )
