@@ -262,3 +262,25 @@ def test_run_a_recipe_on_a_mixture_of_sources(tiny_workdir, capsys):
     data_line = next(line for line in out.splitlines() if line.startswith("[data]"))
     assert "8 training sequences" in data_line and "rows more/*.txt 2, text/*.txt 6" in data_line, data_line
     assert (root / "run" / "adapters").is_dir()
+
+
+def test_an_all_weights_recipe_must_export_the_whole_model(tiny_workdir, capsys):
+    root, recipe_path = tiny_workdir
+    raw = yaml.safe_load(recipe_path.read_text())
+    raw["train"].update(train_all_weights=True, steps=2)
+    recipe_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"train_all_weights.*adapters artifact.*export.hf_dir"):
+        load_recipe(recipe_path)
+    assert main(["run", str(recipe_path), "--no-progress"]) == 2
+    assert "export.hf_dir" in capsys.readouterr().err and not (root / "run").exists()
+
+    raw["export"] = {"hf_dir": "exported"}
+    recipe_path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(recipe_path), "--no-progress"]) == 0
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["adapters"] is None and not (root / "run" / "adapters").exists()
+    trained = load_file(root / "run" / "checkpoint" / "trainable.safetensors")
+    exported, _ = dms.load_exported(root / "exported")
+    got = dict(exported.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(got[name].detach(), trained[name])  # the export is the trained model

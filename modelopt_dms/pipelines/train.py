@@ -170,8 +170,8 @@ def _train_in(
     elapsed = time.time() - t0
     if rank != 0:
         return {"rank": rank}
-    adapters_dir = user_path(recipe.output.adapters_path)
-    save_adapters(model, adapters_dir)
+    if not cfg.train_all_weights:  # all weights trained: only the exported model is the trained one
+        save_adapters(model, user_path(recipe.output.adapters_path))
     calib = recipe.quantize.calib_sequences if recipe.quantize else 0
     ids = seqs.input_ids if isinstance(seqs, PackedRows) else seqs
     _, exported = run_export_plan(
@@ -187,7 +187,7 @@ def _train_in(
         "train_seconds": round(elapsed, 1),
         "tokens": cfg.steps * cfg.grad_accum * cfg.batch_size * seqs.shape[1],
         "final": history[-1] if history else None,
-        "adapters": str(recipe.output.adapters_path),
+        "adapters": None if cfg.train_all_weights else str(recipe.output.adapters_path),
         **exported,
     }
     atomic_write_json(Path(out_dir) / "summary.json", summary)

@@ -103,6 +103,12 @@ class TrainRecipe(Section):
     @model_validator(mode="after")
     def _check_target(self) -> TrainRecipe:
         self.train.with_target(self.dms.target_compression_ratio)  # raises if below cr_start
+        if self.train.train_all_weights and not (self.export and self.export.hf_dir):
+            raise ValueError(
+                "train.train_all_weights: true changes the base weights, which the adapters artifact "
+                "does not hold (loaded on the original model it would compute something else): set "
+                "export.hf_dir to save the whole trained model"
+            )
         return self
 
     @property
