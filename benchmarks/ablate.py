@@ -15,8 +15,9 @@ overrides of the base recipe::
 
 Variants train the DMS adapters (an all-weights variant needs a full-model export, which this
 runner does not evaluate yet). Every variant must train as many tokens as the base (steps x
-grad_accum x batch x seq_len), or the runner refuses it with the numbers. Runs resume (a killed or cross-session ablation goes on
-where it stopped; finished variants are not retrained), evaluations are kept per variant. Writes
+grad_accum x batch x seq_len), or the runner refuses it with the numbers. Runs resume (a killed or
+cross-session ablation goes on where it stopped; finished variants are not retrained), evaluations
+are kept per variant. Writes
 ``<out>.json``, ``<out>.md`` (tokens, CPU-hours and every metric per variant) and ``<out>.png``.
 
     .venv/bin/python benchmarks/ablate.py SPEC.yaml --out benchmarks/results/ablation/ablation_cr4.json
