@@ -167,12 +167,18 @@ class RowBook:
         return first_decision, flags & real[:, None, :]
 
     def plan_chunk(
-        self, decisions: torch.Tensor, real: torch.Tensor, ensure: Callable[[int, torch.Tensor], None]
+        self,
+        decisions: torch.Tensor,
+        real: torch.Tensor,
+        ensure: Callable[[int, torch.Tensor], None],
+        new_flag: torch.Tensor | None = None,
     ) -> ChunkPlan:
         """Store a call of ``m`` tokens (after its attention ran on the pre-call state).
 
         ``ensure(slots, per_row)`` must give every row at least ``slots`` logical slots (storage
         for ``per_row[b, h]`` used slots); it is called once, with the peak of this call.
+        ``new_flag``: the call's flags from :meth:`chunk_flags` when the caller already settled the
+        pending flag with them (:meth:`settle_pending`); otherwise both are done here.
 
         Candidates for eviction are the past window (``W`` slots) and the new tokens only: older
         survivors are unflagged and stay. Flagged tokens that left the window are dropped; new
@@ -183,8 +189,9 @@ class RowBook:
         big = torch.iinfo(torch.long).max
         n_real = real.long().sum(-1)  # (B,)
         has_new = n_real > 0
-        first_decision, new_flag = self.chunk_flags(decisions, real)
-        self.settle_pending(first_decision, has_new)
+        if new_flag is None:
+            first_decision, new_flag = self.chunk_flags(decisions, real)
+            self.settle_pending(first_decision, has_new)
         newest = self.seen + n_real - 1  # (B,)
         horizon = (newest - self.big_w)[:, None, None]  # tokens at pos <= horizon left the window
 

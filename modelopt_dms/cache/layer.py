@@ -120,17 +120,15 @@ class DMSCacheLayer:
             return self._decode(
                 query, key, value, decisions[..., 0], None if real is None else real[:, 0], scaling
             )
+        all_real = real is None  # no padding: every query sees at least itself
         if real is None:
             real = torch.ones(query.shape[0], m, dtype=torch.bool, device=query.device)
         chunk = self.prefill_chunk_size or m
         outs = []
         for start in range(0, m, chunk):
             sl = slice(start, min(m, start + chunk))
-            outs.append(
-                self._chunk(
-                    query[:, :, sl], key[:, :, sl], value[:, :, sl], decisions[..., sl], real[:, sl], scaling
-                )
-            )
+            q, k, v = query[:, :, sl], key[:, :, sl], value[:, :, sl]
+            outs.append(self._chunk(q, k, v, decisions[..., sl], real[:, sl], scaling, all_real))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
@@ -156,7 +154,7 @@ class DMSCacheLayer:
             self._slots = torch.arange(cap, device=self.book.length.device)
         return self._slots
 
-    def _chunk(self, query, key, value, decisions, real, scaling) -> torch.Tensor:
+    def _chunk(self, query, key, value, decisions, real, scaling, all_real: bool = False) -> torch.Tensor:
         book, w = self.book, self.window
         first_decision, new_flag = book.chunk_flags(decisions, real)
         book.settle_pending(first_decision, real.any(-1))
@@ -176,12 +174,12 @@ class DMSCacheLayer:
         diff = q_pos[:, :, None] - q_pos[:, None, :]  # (B, m, m)
         causal = (diff >= 0) & real[:, None, :] & real[:, :, None]
         new_mask = causal[:, None] & ~(new_flag[:, :, None, :] & (diff[:, None] > w))
-        out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling)
-        self._store_chunk(key, value, decisions, real)
+        out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling, non_empty=all_real)
+        self._store_chunk(key, value, decisions, real, new_flag)
         return out
 
-    def _store_chunk(self, key, value, decisions, real) -> None:
-        plan = self.book.plan_chunk(decisions, real, self._ensure)
+    def _store_chunk(self, key, value, decisions, real, new_flag=None) -> None:
+        plan = self.book.plan_chunk(decisions, real, self._ensure, new_flag)
         self.kv.write(plan.dest, key, value)
         self.kv.move(plan.move_src, plan.move_dst)
         self._fit()
@@ -209,12 +207,7 @@ class DMSCacheLayer:
             return
         if real is None:
             real = torch.ones(key.shape[0], m, dtype=torch.bool, device=key.device)
-        self.book.settle_pending(*self._first_decision(decisions, real))
         self._store_chunk(key, value, decisions, real)
-
-    def _first_decision(self, decisions, real):
-        first_decision, _ = self.book.chunk_flags(decisions, real)
-        return first_decision, real.any(-1)
 
     def _ensure_decode(self) -> None:
         """Before a decode step: room for one more slot per row (a host read only when it may grow)."""
@@ -224,14 +217,19 @@ class DMSCacheLayer:
             self._ensure(book.max_length_bound + 1)
         self.kv.prepare_decode(book.length)
 
-    def _attend_stored(self, query, stored_mask, extra, scaling) -> torch.Tensor:
-        """Attention over the stored slots (with ``stored_mask``) plus ``extra`` parts."""
+    def _attend_stored(self, query, stored_mask, extra, scaling, non_empty: bool = False) -> torch.Tensor:
+        """Attention over the stored slots (with ``stored_mask``) plus ``extra`` parts.
+
+        ``non_empty``: every query row sees some key (no padded query), so no guard is needed.
+        """
         cap = stored_mask.shape[-1]
         dtype = query.dtype
         if not self.kv.codec.fp8:
             keys, values = self.kv.read(0, cap, dtype) if cap else (None, None)
             parts = ([(keys, values, stored_mask)] if cap else []) + extra
-            return sdpa_parts(query, parts, scaling) if parts else query.new_zeros(query.shape)
+            if not parts:
+                return query.new_zeros(query.shape)
+            return sdpa_parts(query, parts, scaling, non_empty=non_empty)
 
         def reader(start: int, end: int):
             def read():
