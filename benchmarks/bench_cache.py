@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {title}\n\n- command: `{env['command']}`\n- torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} threads, {env['cpu_model']}\n"
         f"- {args.repeats} interleaved runs per cell (dynamic, static, DMS in turn), medians; a run's decode "
-        f"speed is the median of its {args.decode_tokens - 2} timed greedy steps\n\n{table}\n\n## Targets\n\n"
+        f"speed is the median of its {args.decode_tokens - 1} timed greedy steps\n\n{table}\n\n## Targets\n\n"
         + "\n".join(f"- {line}" for line in lines)
         + "\n"
     )
