@@ -53,6 +53,8 @@ class RowBook:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.ring = torch.full((batch, heads, self.big_w), -1, dtype=torch.long, device=device)
         self.max_length_bound = 0  # host-side upper bound of length.max()
+        # ring offsets of t - 1 and of t - W (≡ t mod W), for the decode step
+        self.ring_offsets = torch.tensor([-1, 0], dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -86,11 +88,6 @@ class RowBook:
         return self.max_length_bound
 
     # ------------------------------------------------------------------ shared pieces
-    def _ring_step(self, like: torch.Tensor) -> torch.Tensor:
-        """``[-1, 0]`` on the book's device (ring offsets of t - 1 and t - W = t + 1 - W ≡ t)."""
-        if getattr(self, "_ring_offsets", None) is None:
-            self._ring_offsets = torch.tensor([-1, 0], dtype=like.dtype, device=like.device)
-        return self._ring_offsets
 
     def _ring_at(self, index: torch.Tensor) -> torch.Tensor:
         """``ring[b, h, index[b] % W]`` -> (B, H)."""
@@ -118,7 +115,7 @@ class RowBook:
         """
         t = self.seen
         heads = self.heads
-        ring_idx = (t[:, None] + self._ring_step(t)) % self.big_w  # (B, 2): ring of t - 1 and of t - W
+        ring_idx = (t[:, None] + self.ring_offsets) % self.big_w  # (B, 2): ring of t - 1 and of t - W
         ring_idx = ring_idx[:, None, :].expand(-1, heads, 2)
         prev_leave = self.ring.gather(-1, ring_idx)  # (B, H, 2): slots of t - 1 and of t - W
         # a ring entry is -1 until its position is written (and again once a chunk moved past it),
