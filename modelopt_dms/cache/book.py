@@ -94,11 +94,14 @@ class RowBook:
         idx = (index % self.big_w)[:, None, None].expand(-1, self.heads, 1)
         return self.ring.gather(-1, idx).squeeze(-1)
 
-    def settle_pending(self, first_decision: torch.Tensor, has_new: torch.Tensor) -> None:
-        """The first new decision of a row settles the pending flag of its previous newest token."""
+    def settle_pending(self, first_decision: torch.Tensor, has_new: torch.Tensor | None) -> None:
+        """The first new decision of a row settles the pending flag of its previous newest token.
+
+        ``has_new``: ``(B,)`` rows with a real new token (None: every row).
+        """
         if self.capacity == 0:
             return  # nothing stored yet: no pending flag
-        settle = has_new & (self.seen >= 1)  # (B,)
+        settle = self.seen >= 1 if has_new is None else has_new & (self.seen >= 1)  # (B,)
         prev = self._ring_at(self.seen - 1).clamp_min(0)[..., None]  # (B, H, 1)
         old = self.flag.gather(-1, prev)
         new = torch.where(settle[:, None, None], first_decision[..., None], old)
@@ -124,19 +127,21 @@ class RowBook:
         if real is not None:
             ok = ok & real[:, None, None]
         slots2 = prev_leave.clamp_min(0)
+        flags2 = self.flag.gather(-1, slots2)  # flags of t - 1 (still pending) and of t - W
         # the leaving token is t - W >= 1 behind, never t - 1: its flag is already settled
-        leave_slot = slots2[..., 1]
-        reuse = ok[..., 1] & self.flag.gather(-1, leave_slot[..., None])[..., 0]
-        slot = torch.where(reuse, leave_slot, self.length)  # rows without a token: the first free slot
-        # one scatter sets both flags: t - 1 settled to d_t, the new token pending (False); without
-        # a settled t - 1 both writes go to the new slot with the same value (no write conflict)
-        ok_prev = ok[..., 0]
-        prev_slot = torch.where(ok_prev, slots2[..., 0], slot)
-        both = torch.stack([prev_slot, slot], -1)
-        self.flag.scatter_(-1, both, torch.stack([decisions & ok_prev, torch.zeros_like(reuse)], -1))
-        self.pos.scatter_(-1, slot[..., None], t[:, None, None].expand(-1, heads, 1))
-        new_ring = slot if real is None else torch.where(real[:, None], slot, prev_leave[..., 1])
-        self.ring.scatter_(-1, ring_idx[..., 1:], new_ring[..., None])
+        reuse = (ok & flags2)[..., 1]
+        slot = torch.where(reuse, slots2[..., 1], self.length)  # rows without a token: the first free slot
+        slot_col = slot[..., None]  # (B, H, 1)
+        # t - 1 settles to d_t (rows without it rewrite the old flag of slot 0), then the new token
+        # is pending (False); t - 1 and the new token never share a slot
+        settled = torch.where(ok[..., :1], decisions[..., None], flags2[..., :1])
+        self.flag.scatter_(-1, slots2[..., :1], settled)
+        self.flag.scatter_(-1, slot_col, False)
+        self.pos.scatter_(-1, slot_col, t.view(-1, 1, 1).expand(-1, heads, 1))
+        ring_entry = slot_col  # rows without a real token keep theirs
+        if real is not None:
+            ring_entry = torch.where(real[:, None, None], slot_col, prev_leave[..., 1:])
+        self.ring.scatter_(-1, ring_idx[..., 1:], ring_entry)
         if real is None:
             self.length = self.length + ~reuse
             self.seen = self.seen + 1
@@ -147,17 +152,27 @@ class RowBook:
         return DecodePlan(slot=slot, real=real)
 
     # ------------------------------------------------------------------ prefill chunk
-    def new_positions(self, real: torch.Tensor) -> torch.Tensor:
-        """Positions of a call's tokens, ``(B, m)``: real tokens count on from ``seen``."""
+    def new_positions(self, real: torch.Tensor | None, m: int) -> torch.Tensor:
+        """Positions of a call's ``m`` tokens, ``(B, m)``: real tokens count on from ``seen``.
+
+        ``real`` None: every token is real (no padding in the call).
+        """
+        if real is None:
+            return self.seen[:, None] + torch.arange(m, device=self.seen.device)
         return self.seen[:, None] + real.long().cumsum(-1) - 1
 
-    def chunk_flags(self, decisions: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_flags(
+        self, decisions: torch.Tensor, real: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(first decision (B, H), new tokens' flags (B, H, m))`` of a call.
 
         Token ``j`` takes the decision of the next real token of the call; the last real token
-        stays pending.
+        stays pending. ``real`` None: every token is real.
         """
-        m = real.shape[1]
+        m = decisions.shape[-1]
+        if real is None:
+            flags = shift_to_next_real(decisions, False) if m > 1 else torch.zeros_like(decisions)
+            return decisions[..., 0], flags
         first = real.long().argmax(-1)  # (B,) first real index (0 if none: unused then)
         first_decision = decisions.gather(-1, first[:, None, None].expand(-1, self.heads, 1)).squeeze(-1)
         flags = shift_to_next_real(decisions, False, real) if m > 1 else torch.zeros_like(decisions)
@@ -166,7 +181,7 @@ class RowBook:
     def plan_chunk(
         self,
         decisions: torch.Tensor,
-        real: torch.Tensor,
+        real: torch.Tensor | None,
         ensure: Callable[[int, torch.Tensor], None],
         new_flag: torch.Tensor | None = None,
     ) -> ChunkPlan:
@@ -181,11 +196,12 @@ class RowBook:
         survivors are unflagged and stay. Flagged tokens that left the window are dropped; new
         survivors fill the freed slots first, then append; if fewer survive than were freed, the
         rows are kept dense by moving tail slots into the holes. Capacity is adjusted here.
+        ``real`` None: every token is real.
         """
         bsz, heads, m = decisions.shape
         big = torch.iinfo(torch.long).max
-        n_real = real.long().sum(-1)  # (B,)
-        has_new = n_real > 0
+        n_real = m if real is None else real.long().sum(-1)  # (B,) or every row's m
+        has_new = None if real is None else n_real > 0
         if new_flag is None:
             first_decision, new_flag = self.chunk_flags(decisions, real)
             self.settle_pending(first_decision, has_new)
@@ -204,8 +220,10 @@ class RowBook:
         self.ring = torch.where(left, torch.full_like(self.ring, -1), self.ring)
 
         # new tokens: kept unless flagged and already out of the window
-        new_pos = self.new_positions(real)[:, None, :].expand(-1, heads, -1)  # (B, H, m)
-        keep_new = real[:, None, :] & ~(new_flag & (new_pos <= horizon))
+        new_pos = self.new_positions(real, m)[:, None, :].expand(-1, heads, -1)  # (B, H, m)
+        keep_new = ~(new_flag & (new_pos <= horizon))
+        if real is not None:
+            keep_new = keep_new & real[:, None, :]
         rank = keep_new.long().cumsum(-1) - 1  # (B, H, m)
         n_new = keep_new.long().sum(-1)  # (B, H)
         new_length = self.length + n_new - n_free
@@ -237,7 +255,9 @@ class RowBook:
         moved = (self.ring[..., :, None] == src[..., None, :]) & (src != dst)[..., None, :]  # (B,H,W,W)
         self.ring = torch.where(moved.any(-1), (moved.long() * dst[..., None, :]).sum(-1), self.ring)
 
-        self.length = torch.where(has_new[:, None], new_length, self.length)
+        if has_new is not None:  # rows without a real token keep their length
+            new_length = torch.where(has_new[:, None], new_length, self.length)
+        self.length = new_length
         self.seen = self.seen + n_real
         self.max_length_bound = int(self.length.max()) if self.length.numel() else 0
         return ChunkPlan(dest=dest, move_src=src, move_dst=dst)

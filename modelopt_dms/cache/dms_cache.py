@@ -248,7 +248,9 @@ class DMSCache(Cache):
         real = self._real_tokens(attention_mask, q_len, layer.dms.logical, bsz)  # None: all real
         if layer.dms.book is None and callable(kv_scales):
             kv_scales = kv_scales()
-        out = layer.dms.attend(query, key, value, decisions.bool(), real, scaling, kv_scales)
+        if decisions.dtype != torch.bool:
+            decisions = decisions.bool()
+        out = layer.dms.attend(query, key, value, decisions, real, scaling, kv_scales)
         return out.transpose(1, 2)
 
     def _real_tokens(self, mask: Any, q_len: int, past: int, bsz: int) -> torch.Tensor | None:

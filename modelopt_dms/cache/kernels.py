@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blockwise_parts", "sdpa_parts"]
+__all__ = ["blockwise_parts", "decode_attention", "sdpa_parts"]
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys (B,H,n,D), values, mask (B,H,m,n)
 
@@ -27,6 +27,22 @@ def _fold(query: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, Hq, m, D) -> (B * H, G, m, D)."""
     bsz, hq, m, d = query.shape
     return query.reshape(bsz * heads, hq // heads, m, d)
+
+
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One new token per row: the GQA group goes on the query axis, so nothing is expanded.
+
+    ``query`` ``(B, Hq, 1, D)``; ``keys``/``values`` ``(B, H, n, D)``; ``mask`` ``(B, H, 1, n)``, one
+    row per KV head that the G queries of the group share, with at least one visible key per row.
+    Returns ``(B, Hq, 1, D)``.
+    """
+    bsz, hq, _, d = query.shape
+    heads = keys.shape[1]
+    q = query.view(bsz, heads, hq // heads, d)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    return out.view(bsz, hq, 1, -1)
 
 
 def sdpa_parts(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .book import RowBook
-from .kernels import blockwise_parts, sdpa_parts
+from .kernels import blockwise_parts, decode_attention, sdpa_parts
 from .storage import BlockedKV, KVCodec, PagedKV
 
 __all__ = ["DMSCacheLayer"]
@@ -45,11 +45,13 @@ class DMSCacheLayer:
         self.kv: BlockedKV | PagedKV | None = None
         self.logical = 0  # tokens passed in, padding included (what a dense cache would hold)
         self.compute_dtype: torch.dtype | None = None
+        self._visible: torch.Tensor | None = None  # decode visibility; None: rebuild at the next step
 
     # ------------------------------------------------------------------ set-up and capacity
     def _init(self, key: torch.Tensor, kv_scales: tuple[float, float] | None) -> None:
         bsz, heads, _, dim = key.shape
         self.compute_dtype = key.dtype
+        self._visible = None
         codec = KVCodec(key.dtype, kv_scales)
         self.book = RowBook(bsz, heads, self.window, key.device)
         if self.layout == "paged":
@@ -81,6 +83,14 @@ class DMSCacheLayer:
             self._set_capacity(slots, lengths)
         elif lengths is not None:
             self.kv.resize(self.book.capacity, lengths)
+
+    def _ensure_growing(self, slots: int, lengths: torch.Tensor | None = None) -> None:
+        """:meth:`_ensure` within a multi-token call: grow by half at least (few reallocations).
+
+        The call ends with :meth:`_fit`, which gives the extra room back.
+        """
+        cap = self.book.capacity
+        self._ensure(max(slots, cap + cap // 2) if slots > cap else slots, lengths)
 
     def _fit(self) -> None:
         """After a prefill: shrink to the longest row (+ the scratch slot) in whole blocks/pages."""
@@ -120,32 +130,49 @@ class DMSCacheLayer:
             return self._decode(
                 query, key, value, decisions[..., 0], None if real is None else real[:, 0], scaling
             )
-        all_real = real is None  # no padding: every query sees at least itself
-        if real is None:
-            real = torch.ones(query.shape[0], m, dtype=torch.bool, device=query.device)
         chunk = self.prefill_chunk_size or m
         outs = []
         for start in range(0, m, chunk):
             sl = slice(start, min(m, start + chunk))
             q, k, v = query[:, :, sl], key[:, :, sl], value[:, :, sl]
-            outs.append(self._chunk(q, k, v, decisions[..., sl], real[:, sl], scaling, all_real))
+            r = None if real is None else real[:, sl]
+            outs.append(self._chunk(q, k, v, decisions[..., sl], r, scaling))
+        self._fit()
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
-        book, kv = self.book, self.kv
+        kv = self.kv
         self._ensure_decode()
-        plan = book.plan_decode(decision, real)
-        kv.write(plan.slot[..., None], key, value)
-        slots = self._slot_ids()
-        # every stored slot is visible to the new token (flagged ones left when their slot was
-        # reused); slot 0 keeps the mask of a row without tokens non-empty (its output is zeroed)
-        mask = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
+        plan = self.book.plan_decode(decision, real)
+        slot = plan.slot[..., None]  # (B, H, 1)
+        kv.write(slot, key, value)
+        mask = self._decode_visibility(slot, real)
         if kv.codec.fp8:
             out = self._attend_stored(query, mask, [], scaling)
         else:
-            keys, values = kv.read(0, book.capacity, query.dtype)
-            out = sdpa_parts(query, [(keys, values, mask)], scaling, non_empty=True)
+            keys, values = kv.read(0, self.book.capacity, query.dtype)
+            out = decode_attention(query, keys, values, mask, scaling)
         return out if real is None else out * real[:, None, None, None].to(out.dtype)
+
+    def _decode_visibility(self, slot: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """``(B, H, 1, C)`` slots the new token sees, kept across decode steps.
+
+        Every stored slot is visible to the new token (flagged ones left when their slot was
+        reused); slot 0 keeps the mask of a row without tokens non-empty (its output is zeroed). A
+        decode step only adds the slot it wrote (rows without a real token add nothing), so the
+        mask is rebuilt only after a prefill chunk, a batch edit or a capacity change.
+        """
+        book = self.book
+        visible = self._visible
+        if visible is None or visible.shape[-1] != book.capacity:
+            slots = self._slot_ids()
+            visible = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
+            self._visible = visible.contiguous()
+            return self._visible
+        # a row without a real token wrote its first free slot, which stays hidden
+        value = True if real is None else real[:, None, None, None].expand(-1, book.heads, 1, 1)
+        visible.scatter_(-1, slot[..., None], value)
+        return visible
 
     def _slot_ids(self) -> torch.Tensor:
         """``arange(capacity)`` on the layer's device, kept until the capacity changes."""
@@ -154,35 +181,41 @@ class DMSCacheLayer:
             self._slots = torch.arange(cap, device=self.book.length.device)
         return self._slots
 
-    def _chunk(self, query, key, value, decisions, real, scaling, all_real: bool = False) -> torch.Tensor:
+    def _chunk(self, query, key, value, decisions, real, scaling) -> torch.Tensor:
+        """One prefill chunk; ``real`` ``(B, m)`` or None (no padding: every query sees itself)."""
         book, w = self.book, self.window
+        m = query.shape[2]
         first_decision, new_flag = book.chunk_flags(decisions, real)
-        book.settle_pending(first_decision, real.any(-1))
-        q_pos = book.new_positions(real)  # (B, m)
-        # stored slots: used, and not (flagged and more than w behind the query)
-        cap = book.capacity
+        book.settle_pending(first_decision, None if real is None else real.any(-1))
+        q_pos = book.new_positions(real, m)  # (B, m)
+        # a key is visible to the queries at positions pos .. last: last = pos + w if it is flagged,
+        # else forever; slots without a token (and padded keys) have last = -1
+        forever = torch.iinfo(torch.long).max
+        q_col = q_pos[:, None, :, None]  # (B, 1, m, 1)
+        cap = min(book.max_length_bound, book.capacity)  # slots beyond the longest row are unused
         if cap:
-            slots = self._slot_ids()
-            used = (slots < book.length[..., None])[:, :, None, :]  # (B, H, 1, C)
-            far = (q_pos[:, None, :, None] - book.pos[:, :, None, :]) > w  # (B, H, m, C)
-            past_mask = used & ~(book.flag[:, :, None, :] & far) & real[:, None, :, None]
+            last = torch.where(book.flag[..., :cap], book.pos[..., :cap] + w, forever)
+            last = torch.where(self._slot_ids()[:cap] < book.length[..., None], last, -1)  # (B, H, C)
+            past_mask = q_col <= last[:, :, None, :]  # (B, H, m, C); stored keys are all older
         else:
-            past_mask = torch.zeros(
-                *book.length.shape, query.shape[2], 0, dtype=torch.bool, device=key.device
-            )
-        # the new tokens: causal among real tokens, flagged ones hidden beyond the window
-        diff = q_pos[:, :, None] - q_pos[:, None, :]  # (B, m, m)
-        causal = (diff >= 0) & real[:, None, :] & real[:, :, None]
-        new_mask = causal[:, None] & ~(new_flag[:, :, None, :] & (diff[:, None] > w))
-        out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling, non_empty=all_real)
+            past_mask = torch.zeros(*book.length.shape, m, 0, dtype=torch.bool, device=key.device)
+        new_last = torch.where(new_flag, q_pos[:, None, :] + w, forever)  # (B, H, m)
+        if real is not None:
+            new_last = torch.where(real[:, None, :], new_last, -1)
+        causal = (q_pos[:, :, None] >= q_pos[:, None, :])[:, None]  # (B, 1, m, m)
+        new_mask = causal & (q_col <= new_last[:, :, None, :])
+        if real is not None:  # padded queries see nothing (their output is zero)
+            past_mask = past_mask & real[:, None, :, None]
+            new_mask = new_mask & real[:, None, :, None]
+        out = self._attend_stored(query, past_mask, [(key, value, new_mask)], scaling, non_empty=real is None)
         self._store_chunk(key, value, decisions, real, new_flag)
         return out
 
     def _store_chunk(self, key, value, decisions, real, new_flag=None) -> None:
-        plan = self.book.plan_chunk(decisions, real, self._ensure, new_flag)
+        self._visible = None
+        plan = self.book.plan_chunk(decisions, real, self._ensure_growing, new_flag)
         self.kv.write(plan.dest, key, value)
         self.kv.move(plan.move_src, plan.move_dst)
-        self._fit()
 
     def store(
         self,
@@ -201,13 +234,13 @@ class DMSCacheLayer:
         m = key.shape[2]
         self.logical += m
         if m == 1:
+            self._visible = None
             self._ensure_decode()
             plan = self.book.plan_decode(decisions[..., 0], None if real is None else real[:, 0])
             self.kv.write(plan.slot[..., None], key, value)
             return
-        if real is None:
-            real = torch.ones(key.shape[0], m, dtype=torch.bool, device=key.device)
         self._store_chunk(key, value, decisions, real)
+        self._fit()
 
     def _ensure_decode(self) -> None:
         """Before a decode step: room for one more slot per row (a host read only when it may grow)."""
@@ -245,6 +278,7 @@ class DMSCacheLayer:
     def select_rows(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]`` (beam search, ``num_return_sequences``)."""
         if self.book is not None:
+            self._visible = None
             self.book.select_rows(index)
             self.kv.select_rows(index)
             self.book.refresh_bound()
@@ -254,6 +288,7 @@ class DMSCacheLayer:
         """Free batch row ``b`` (a finished sequence)."""
         if self.book is None:
             return
+        self._visible = None
         self.book.clear_row(b)
         self.kv.clear_row(b)
         self.book.refresh_bound()

@@ -36,7 +36,7 @@ class KVCodec:
     def encode(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """Compute dtype -> storage dtype (FP8: scale, clamp to ±448, cast)."""
         if self.scales is None:
-            return x.to(self.dtype)
+            return x if x.dtype == self.dtype else x.to(self.dtype)
         scaled = x.float() / self.scales[which]
         return scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(self.dtype)
 
@@ -102,6 +102,8 @@ class BlockedKV:
 
     def raw(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys and values of slots ``[start, end)``, ``(B, H, n, D)`` in the storage dtype."""
+        if start == 0 and end == self.capacity:
+            return self.k, self.v
         return self.k[:, :, start:end], self.v[:, :, start:end]
 
     def read(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

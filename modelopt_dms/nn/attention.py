@@ -20,7 +20,7 @@ from modelopt.torch.opt.dynamic import DynamicModule, _DMRegistryCls
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import DMSConfig
-from .decisions import DMSDecisionAdapter, relaxed_decisions, row_noise
+from .decisions import DMSDecisionAdapter, as_dtype, relaxed_decisions, row_noise
 from .flex_training import flex_training_attention
 from .masks import (
     dense_visibility,
@@ -81,7 +81,7 @@ def _pattern_logits(
     num = logits.shape[-1]
     pos = cache_position if cache_position is not None else torch.arange(num, device=logits.device)
     evict = ((pos[-num:] - 1) % keep_every) != 0  # d_t governs key t - 1
-    return torch.where(evict, 1.0, -1.0).to(logits.dtype).expand_as(logits)
+    return as_dtype(torch.where(evict, 1.0, -1.0), logits.dtype).expand_as(logits)
 
 
 class DMSAttention(DynamicModule):
@@ -122,11 +122,12 @@ class DMSAttention(DynamicModule):
                     "hook did not run. Call the whole model (or its decoder layer), not the "
                     "attention module alone."
                 )
-            raw = self.get_submodule(ADAPTER_ATTR)(sw.residual).transpose(1, 2).float()  # (B, Hkv, T)
+            raw = as_dtype(self.get_submodule(ADAPTER_ATTR)(sw.residual).transpose(1, 2), torch.float32)
         else:
             bsz, _, q_len, _ = query.shape
             group = query.shape[1] // self.num_kv_heads
-            raw = query.view(bsz, self.num_kv_heads, group, q_len, -1)[:, :, 0, :, -1].float()
+            borrowed = query.view(bsz, self.num_kv_heads, group, q_len, -1)[:, :, 0, :, -1]
+            raw = as_dtype(borrowed, torch.float32)
         logits = cfg.logit_scale * raw - cfg.logit_offset
         if cfg.granularity == "layer":
             logits = logits[:, :1].expand_as(logits)
