@@ -12,6 +12,11 @@ overrides of the base recipe::
       window32: {dms.window_size: 32}
       lr1e-4: {train.lr: 0.0001}
       mixed_text: {data.text_glob: null, data.sources: {python-docs: 2, manpages: 1, debian-reference: 1}}
+      overshoot: {select: true, train.cr_end: 5.0, train.snapshot_every: 25}
+
+``select: true`` (the one key without a dot) trains with adapter snapshots and evaluates the
+snapshot ``modelopt-dms select`` picks for the recipe's ``dms.target_compression_ratio`` (the
+lowest KL among snapshots at or above it, scored on training-split text) instead of the last step.
 
 Variants train the DMS adapters (an all-weights variant needs a full-model export, which this
 runner does not evaluate yet). Every variant must train as many tokens as the base (steps x
@@ -64,6 +69,11 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
+def recipe_overrides(variant: dict | None) -> dict:
+    """The dotted recipe overrides of a variant (without its ``select`` switch)."""
+    return {k: v for k, v in (variant or {}).items() if k != "select"}
+
+
 def token_budget(recipe) -> int:
     """Tokens one run trains on: steps x grad_accum x batch_size x seq_len."""
     t = recipe.train
@@ -88,7 +98,7 @@ def _variant_recipes(spec: dict) -> dict[str, Path]:
     base_tokens = None
     paths = {}
     for name, overrides in spec["variants"].items():
-        raw = apply_overrides(base_raw, overrides or {})
+        raw = apply_overrides(base_raw, recipe_overrides(overrides))
         raw.setdefault("output", {})
         raw["output"]["dir"] = str(root / name)
         raw["output"]["adapters_dir"] = str(root / name / "adapters")
@@ -129,9 +139,10 @@ def _tensors_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _evaluate(name: str, recipe_path: Path, run_dir: Path, eval_args: list[str], model: str) -> dict:
+def _evaluate(
+    name: str, recipe_path: Path, run_dir: Path, eval_args: list[str], model: str, adapters: Path
+) -> dict:
     """The heads evaluation of one variant, kept in its run folder and redone when the heads change."""
-    adapters = run_dir / "adapters"
     out = run_dir / "eval.json"
     digest = _tensors_digest(adapters / "dms_adapters.safetensors")
     if out.exists():
@@ -144,6 +155,26 @@ def _evaluate(name: str, recipe_path: Path, run_dir: Path, eval_args: list[str],
     res = {**json.loads(json.dumps(res)), "adapters_sha256": digest, "eval_args": eval_args}
     atomic_write_json(out, res)
     return res
+
+
+def _selected(recipe_path: Path, recipe, run_dir: Path) -> tuple[Path, dict]:
+    """``(adapters, chosen)``: the snapshot ``modelopt-dms select`` picks for the variant's target.
+
+    Chosen once; chosen again only when the run has other snapshots than at the last selection.
+    """
+    from modelopt_dms.pipelines.select import select_from_recipe
+    from modelopt_dms.training.selection import list_snapshots
+
+    out = run_dir / "selected"
+    target = recipe.dms.target_compression_ratio
+    record_file = run_dir / f"selection_cr{target:g}.json"
+    steps = [s for s, _ in list_snapshots(run_dir)]
+    if record_file.exists() and (out / "dms_adapters.safetensors").exists():
+        record = json.loads(record_file.read_text())
+        if [s["step"] for s in record["snapshots"]] == steps:
+            return out, record["chosen"]
+    record = select_from_recipe(str(recipe_path), target, str(out), log=log)
+    return out, record["chosen"]
 
 
 def _row(name: str, overrides: dict, recipe, run_dir: Path, ev: dict, threads: int) -> dict:
@@ -244,8 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
         if not (run_dir / "adapters" / "dms_adapters.safetensors").exists():
             log(f"[ablate] {name}: not trained yet (left out of the table)")
             continue
-        ev = _evaluate(name, path, run_dir, [str(a) for a in spec.get("eval", [])], recipe.model.name_or_path)
-        rows.append(_row(name, spec["variants"][name] or {}, recipe, run_dir, ev, args.threads))
+        adapters, chosen = run_dir / "adapters", None
+        variant = spec["variants"][name] or {}
+        if variant.get("select"):
+            adapters, chosen = _selected(path, recipe, run_dir)
+        eval_args = [str(a) for a in spec.get("eval", [])]
+        ev = _evaluate(name, path, run_dir, eval_args, recipe.model.name_or_path, adapters)
+        row = _row(name, recipe_overrides(variant), recipe, run_dir, ev, args.threads)
+        if chosen is not None:
+            row["selected"] = chosen
+        rows.append(row)
     table = render(rows)
     print(table)
     payload = {"command": command_line(), "spec": spec, "seconds": round(time.time() - t0, 1), "rows": rows}

@@ -16,6 +16,7 @@ from .corpus import PYTHON_DOCS_GLOB
 from .pipelines.compare import run_eval
 from .pipelines.demo import DEFAULT_ADAPTERS, DemoOptions, run_demo
 from .pipelines.export import export_model
+from .pipelines.select import select_from_recipe
 from .pipelines.train import run_recipe
 from .training.trainer import TrainingDivergedError
 
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a training recipe YAML file (see recipes/)")
     run.add_argument("--restart", action="store_true", help="start over in an output.dir holding another run")
     run.add_argument("--no-progress", action="store_true")
+
+    sel = sub.add_parser("select", help="pick a run's adapter snapshot for a target compression ratio")
+    sel.add_argument("recipe", help="the training recipe of the run (its train.snapshot_every > 0)")
+    sel.add_argument("--target", type=float, required=True, help="CR to reach (window included)")
+    sel.add_argument("--out", required=True, help="adapters folder to write (dms.load_adapters reads it)")
+    sel.add_argument("--context", type=int, default=2048, help="tokens per selection row")
+    sel.add_argument("--rows", type=int, default=2, help="training-split rows the snapshots are scored on")
 
     exp = sub.add_parser("export", help="export a DMS model (optionally FP8) as a deployable checkpoint")
     exp.add_argument("--model", default="smollm2-135m", help="name, local HF directory or .gguf file")
@@ -82,6 +90,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_demo(opts, _log)
     elif args.command == "run":
         run_recipe(args.recipe, progress=not args.no_progress, log=_log, restart=args.restart)
+    elif args.command == "select":
+        select_from_recipe(args.recipe, args.target, args.out, args.context, args.rows, log=_log)
     elif args.command == "export":
         export_model(
             args.model, args.out, adapters=args.adapters, window=args.window, quantize=args.quantize,

@@ -88,3 +88,33 @@ def test_overrides_set_nested_keys_and_remove_with_null(ablate):
     assert raw["data"]["text_glob"] == "a"
     with pytest.raises(ValueError, match="not a section"):
         mod.apply_overrides(raw, {"train.lr.x": 1})
+
+
+def test_a_select_variant_evaluates_the_chosen_snapshot(ablate):
+    from safetensors.torch import load_file
+
+    mod, root = ablate
+    spec = {
+        "base": str(TINY),
+        "root": "abl",
+        "eval": EVAL,
+        "variants": {"overshoot": {"select": True, "train.cr_end": 1.5, "train.snapshot_every": 2}},
+    }
+    # the tiny recipe targets CR 2, which 6 steps of a tiny model do not reach: select for CR 1
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["dms"]["target_compression_ratio"] = 1.0
+    (root / "base.yaml").write_text(yaml.safe_dump(recipe))
+    spec["base"] = "base.yaml"
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    payload = mod.main(["spec.yaml", "--out", str(root / "res" / "abl.json"), "--threads", "1"])
+    row = payload["rows"][0]
+    assert row["overrides"] == {"train.cr_end": 1.5, "train.snapshot_every": 2}
+    run = root / "abl" / "overshoot"
+    record = json.loads((run / "selection_cr1.json").read_text())
+    assert [s["step"] for s in record["snapshots"]] == [2, 4, 6]
+    assert row["selected"] == record["chosen"]
+    chosen = load_file(run / "selected" / "dms_adapters.safetensors")
+    snap = load_file(Path(record["chosen"]["path"]) / "dms_adapters.safetensors")
+    assert all(chosen[k].equal(snap[k]) for k in snap)
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["adapters_sha256"] == mod._tensors_digest(run / "selected" / "dms_adapters.safetensors")

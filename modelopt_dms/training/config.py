@@ -44,6 +44,9 @@ class TrainConfig(Section):
     teacher_cache: bool = False  # reuse the teacher's top-k distribution from disk (CPU speed-up)
     teacher_topk: int = Field(64, ge=1, le=65536)  # kept teacher log-probabilities per position
     checkpoint_every: int = Field(50, ge=0)
+    # adapters every N steps in <output.dir>/snapshots/step_<N> (0: none), so `modelopt-dms select`
+    # can pick the step at a target CR (overshoot the target with cr_end, then select)
+    snapshot_every: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
     resume: bool = True  # false: start over in output.dir (its run's checkpoint and log are replaced)
 
@@ -51,6 +54,11 @@ class TrainConfig(Section):
     def _check_schedule(self) -> TrainConfig:
         if self.cr_end is not None and self.cr_end < self.cr_start:
             raise ValueError(f"cr_end ({self.cr_end}) must be >= cr_start ({self.cr_start})")
+        if self.snapshot_every and (self.train_all_weights or self.fsdp):
+            raise ValueError(
+                "train.snapshot_every saves the decision adapters of one process: it needs "
+                "train.train_all_weights: false and train.fsdp: false (or set snapshot_every: 0)."
+            )
         return self
 
     def with_target(self, target_compression_ratio: float) -> TrainConfig:

@@ -26,7 +26,7 @@ RUN_KIND = "run"
 _RUN_FILES = ("train_log.jsonl", "summary.json", "train_config.json")
 # Settings that do not change what a step computes: a resume may differ in them.
 _NOT_FINGERPRINTED = {
-    "train": {"steps", "checkpoint_every", "log_every", "resume"},
+    "train": {"steps", "checkpoint_every", "snapshot_every", "log_every", "resume"},
     "data": {"cache_dir"},
     "model": {"device"},
 }

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..export.adapters import save_adapters
 from ..fileio import TEMP_MARK, atomic_write_json
 from ..model_dms import dms_config, dms_modules, eviction_disabled, eviction_rate, set_step
 from ..nn.attention import ADAPTER_ATTR
@@ -30,6 +31,7 @@ from .distributed import all_reduce_mean, is_sharded, shard_model, unshard_for_s
 from .fused_kl import fused_head_kl, topk_kl
 from .losses import compression_loss, distillation_kl, target_compression_ratio, target_eviction_rate
 from .packing import PackedRows, row_inputs
+from .selection import drop_snapshots_after, snapshot_path
 
 __all__ = ["TrainingDivergedError", "train"]
 
@@ -217,6 +219,8 @@ def train(
             shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
     if resume and latest_checkpoint(out_dir) is not None:
         start, history = load_checkpoint(out_dir, model, opt)
+    if world()[1] == 0:
+        drop_snapshots_after(out_dir, start)  # written past the checkpoint (or by a run started over)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     with open(log_path, "w") as f:  # rewrite: the log always matches the checkpointed history
         for rec in history:
@@ -289,6 +293,8 @@ def train(
             )
             if checkpoint_now:
                 save_checkpoint(out_dir, model, opt, step + 1, history)
+            if config.snapshot_every and (step + 1) % config.snapshot_every == 0:
+                save_adapters(model, snapshot_path(out_dir, step + 1))
     finally:
         hidden.handle.remove()
     model.eval()

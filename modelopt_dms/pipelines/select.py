@@ -1,0 +1,85 @@
+"""``modelopt-dms select RECIPE --target CR --out DIR``: the run's adapter snapshot for a target CR."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..corpus import build_mixture_sequences, build_token_sequences
+from ..export.adapters import save_adapters
+from ..fileio import atomic_write_json
+from ..loading import load_model
+from ..model_dms import apply_dms
+from ..outputs import ensure_writable_parent, user_path
+from ..training.recipe import load_train_recipe
+from ..training.selection import list_snapshots, select_snapshot
+
+__all__ = ["selection_rows", "select_from_recipe"]
+
+
+def selection_rows(recipe, tok, context: int, rows: int) -> torch.Tensor:
+    """``(rows, context)`` ids from the end of the recipe's *training* split (never held-out files)."""
+    d = recipe.data
+    if d.sources:
+        seqs, _ = build_mixture_sequences(
+            tok, d.sources, context, "train", d.heldout_fraction, d.seed, None, d.cache_dir
+        )
+    else:
+        seqs = build_token_sequences(
+            tok, d.text_glob, context, "train", d.heldout_fraction, d.seed, None, d.cache_dir
+        )
+    if seqs.shape[0] < rows:
+        raise ValueError(
+            f"the training text holds {seqs.shape[0]} rows of {context} tokens, {rows} requested: "
+            "lower --rows or --context."
+        )
+    return seqs[-rows:]
+
+
+def select_from_recipe(
+    recipe_path: str,
+    target: float,
+    out: str,
+    context: int = 2048,
+    rows: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score the snapshots of the recipe's run, save the chosen adapters to ``out``; returns the record.
+
+    The record (every snapshot's CR and KL, the choice) is also written to
+    ``<output.dir>/selection_cr<target>.json``.
+    """
+    if not target >= 1.0:
+        raise ValueError(f"--target is a compression ratio >= 1, got {target}")
+    recipe = load_train_recipe(recipe_path)
+    run_dir = user_path(recipe.output.dir)
+    if not list_snapshots(run_dir):
+        raise ValueError(
+            f"{run_dir} has no adapter snapshots: set train.snapshot_every (e.g. 25) in {recipe_path}, "
+            "run it, then select."
+        )
+    out_path = user_path(out)
+    ensure_writable_parent(out_path, "--out")
+    model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
+    model = apply_dms(model, recipe.dms)
+    ids = selection_rows(recipe, tok, context, rows)
+    n = len(list_snapshots(run_dir))
+    log(f"[select] {n} snapshots of {run_dir} on {rows} x {context} training-split tokens")
+    choice, scores = select_snapshot(model, run_dir, ids, target, recipe.dms.window_size, log)
+    save_adapters(model, out_path)
+    record = {
+        "recipe": recipe_path,
+        "target_compression_ratio": target,
+        "context": context,
+        "rows": rows,
+        "rule": "lowest KL (past the window) among snapshots whose achieved CR >= target",
+        "chosen": choice.to_dict(),
+        "snapshots": [s.to_dict() for s in scores],
+        "adapters": str(out_path),
+    }
+    atomic_write_json(Path(run_dir) / f"selection_cr{target:g}.json", record)
+    log(f"[select] step {choice.step} (CR {choice.compression_ratio:.2f}, KL {choice.kl:.4f}) -> {out_path}")
+    return record
