@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Where the trained heads stand against the quality targets: accuracy vs achieved CR and tokens.
+
+Reads committed results only (no model runs): heads evaluations (``eval_heads.py`` JSON, every
+method in them) and ablation tables (``ablate.py`` JSON, every variant). One point per set of
+heads: the achieved compression ratio at the evaluation context (mean over sources, window
+included) against KL per token (mean over sources), greedy token match (the top-1 agreement of
+the fidelity run) and pass-key accuracy minus the uncompressed model's; the issue's CR-4 and CR-8
+targets are drawn as boxes. A second row plots the same metrics against training tokens.
+
+    .venv/bin/python benchmarks/pareto.py \\
+        --heads benchmarks/results/heads/heads_clean_split.json \\
+        --ablation benchmarks/results/ablation/ablation_cr4_cpu.json
+
+Writes ``benchmarks/results/pareto/pareto.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+from common import REPO, RESULTS, command_line, write_outputs
+
+# the issue's targets: (CR at least, KL at most, token match at least, pass-key gap at most)
+TARGETS = {"CR 4": (4.0, 0.04, 0.95, 0.05), "CR 8": (8.0, 0.10, 0.90, 0.10)}
+
+
+def _point(label: str, fidelity: dict, passkey: dict, unc: dict, tokens: int | None) -> dict:
+    per_src = [next(iter(by_ctx.values())) for by_ctx in fidelity.values() if by_ctx]
+    gaps = {
+        c: passkey[c]["accuracy"] - unc[c]["accuracy"] for c in passkey if c in unc and "accuracy" in unc[c]
+    }
+    return {
+        "label": label,
+        "tokens": tokens,
+        "compression_ratio": mean(x["compression_ratio"] for x in per_src),
+        "kl": mean(x["kl_per_token"] for x in per_src),
+        "token_match": mean(x["token_match"] for x in per_src),
+        "passkey_gap": gaps,
+        "sources": sorted(fidelity),
+    }
+
+
+def _trained_tokens(adapters: str | None) -> int | None:
+    """Training tokens of committed heads, from the ``summary.json`` next to their adapters."""
+    summary = REPO / adapters / "summary.json" if adapters else None
+    if summary is None or not summary.exists():
+        return None
+    return json.loads(summary.read_text()).get("tokens")
+
+
+def points_from_heads(path: Path) -> list[dict]:
+    """One point per method of an ``eval_heads.py`` result."""
+    d = json.loads(path.read_text())
+    unc = d.get("passkey_uncompressed", {})
+    return [
+        _point(name, m["fidelity"], m["passkey"], unc, _trained_tokens(m.get("adapters")))
+        for name, m in d["methods"].items()
+    ]
+
+
+def points_from_ablation(path: Path) -> list[dict]:
+    """One point per variant of an ``ablate.py`` result."""
+    d = json.loads(path.read_text())
+    return [
+        _point(
+            f"ablation:{r['variant']}", r["fidelity"], r["passkey"], r["passkey_uncompressed"], r["tokens"]
+        )
+        for r in d["rows"]
+    ]
+
+
+def verdict(p: dict) -> str:
+    """Which target the point meets, or what it misses against the nearest one below its CR."""
+    reached = [(name, t) for name, t in TARGETS.items() if p["compression_ratio"] >= t[0]]
+    if not reached:
+        return f"below CR 4 ({p['compression_ratio']:.2f})"
+    name, (_, kl, match, gap) = reached[-1]
+    misses = []
+    if p["kl"] > kl:
+        misses.append(f"KL {p['kl']:.3f} > {kl}")
+    if p["token_match"] < match:
+        misses.append(f"match {p['token_match']:.2f} < {match}")
+    worst = min(p["passkey_gap"].values(), default=0.0)
+    if worst < -gap:
+        misses.append(f"pass key {100 * worst:+.0f} pts")
+    return f"{name}: " + ("meets" if not misses else "misses " + ", ".join(misses))
+
+
+def render(points: list[dict]) -> str:
+    contexts = sorted({c for p in points for c in p["passkey_gap"]}, key=int)
+    head = ["heads", "training tokens", "CR (mean over sources)", "KL", "token match"]
+    head += [f"pass key gap @{c}" for c in contexts] + ["against the targets"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in sorted(points, key=lambda p: p["compression_ratio"]):
+        cells = [p["label"], f"{p['tokens']:,}" if p["tokens"] else "-", f"{p['compression_ratio']:.2f}"]
+        cells += [f"{p['kl']:.4f}", f"{p['token_match']:.3f}"]
+        cells += [f"{100 * p['passkey_gap'][c]:+.0f}" if c in p["passkey_gap"] else "-" for c in contexts]
+        cells.append(verdict(p))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("kl", "KL per token (nats)"), ("token_match", "token match (top-1)"), ("gap", "pass-key gap")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    for row, xkey in enumerate(("compression_ratio", "tokens")):
+        for col, (ykey, ylabel) in enumerate(metrics):
+            ax = axes[row, col]
+            for p in points:
+                x = p[xkey]
+                if x is None:
+                    continue
+                y = min(p["passkey_gap"].values(), default=float("nan")) if ykey == "gap" else p[ykey]
+                ax.scatter(x, y, s=40)
+                ax.annotate(
+                    p["label"].removeprefix("ablation:"),
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            if xkey == "compression_ratio":
+                for name, (cr, kl, match, gap) in TARGETS.items():
+                    bound = {"kl": kl, "token_match": match, "gap": -gap}[ykey]
+                    ax.axvline(cr, color="grey", ls=":", lw=0.8)
+                    ax.plot([cr, cr + 1.5], [bound, bound], color="green", lw=2)
+                    ax.annotate(f"{name} target", (cr, bound), fontsize=6, color="green")
+            ax.set(xlabel="achieved CR (2K context)" if row == 0 else "training tokens", ylabel=ylabel)
+            if xkey == "tokens":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 2].set_title("worst pass-key accuracy minus uncompressed", fontsize=8)
+    title = "trained DMS heads against the quality targets (SmolLM2-135M, clean held-out text)"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", type=Path, nargs="*", default=[])
+    p.add_argument("--ablation", type=Path, nargs="*", default=[])
+    p.add_argument("--out", type=Path, default=RESULTS / "pareto" / "pareto.json")
+    args = p.parse_args(argv)
+    points = [pt for f in args.heads for pt in points_from_heads(f)]
+    points += [pt for f in args.ablation for pt in points_from_ablation(f)]
+    if not points:
+        raise SystemExit("nothing to plot: give --heads and/or --ablation result files")
+    table = render(points)
+    print(table)
+    sources = [str(f) for f in [*args.heads, *args.ablation]]
+    payload = {"command": command_line(), "inputs": sources, "targets": TARGETS, "points": points}
+    md = f"# Heads against the quality targets\n\nCommand: `{payload['command']}`\n\n{table}\n"
+    write_outputs(args.out.parent, args.out.stem, payload, md, lambda png: plot(points, png))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""benchmarks/pareto.py: heads and ablation results against the issue's quality targets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _method(cr: float, kl: float, match: float, keys: dict[str, float]) -> dict:
+    fid = {"src": {"2048": {"compression_ratio": cr, "kl_per_token": kl, "token_match": match}}}
+    return {"fidelity": fid, "passkey": {c: {"accuracy": a} for c, a in keys.items()}}
+
+
+def test_points_and_verdicts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pareto", None)
+    import pareto
+
+    unc = {"1024": {"accuracy": 1.0}, "2048": {"accuracy": 0.5}}
+    heads = {
+        "passkey_uncompressed": unc,
+        "methods": {
+            "good4": _method(4.2, 0.03, 0.96, {"1024": 0.98, "2048": 0.5}),
+            "bad8": _method(8.1, 0.2, 0.85, {"1024": 0.5, "2048": 0.25}),
+            "low": _method(3.5, 0.01, 0.99, {"1024": 1.0, "2048": 0.5}),
+        },
+    }
+    (tmp_path / "heads.json").write_text(json.dumps(heads))
+    row = {
+        "variant": "v",
+        "tokens": 1000,
+        "passkey_uncompressed": unc,
+        **_method(5.0, 0.05, 0.9, {"1024": 1.0}),
+    }
+    (tmp_path / "abl.json").write_text(json.dumps({"rows": [row]}))
+    out = tmp_path / "res" / "pareto.json"
+    payload = pareto.main(
+        ["--heads", str(tmp_path / "heads.json"), "--ablation", str(tmp_path / "abl.json"), "--out", str(out)]
+    )
+    verdicts = {p["label"]: pareto.verdict(p) for p in payload["points"]}
+    assert verdicts["good4"] == "CR 4: meets"
+    assert verdicts["bad8"] == "CR 8: misses KL 0.200 > 0.1, match 0.85 < 0.9, pass key -50 pts"
+    assert verdicts["low"] == "below CR 4 (3.50)"
+    assert verdicts["ablation:v"] == "CR 4: misses KL 0.050 > 0.04, match 0.90 < 0.95"
+    assert {p["label"]: p["tokens"] for p in payload["points"]}["ablation:v"] == 1000
+    md = out.with_suffix(".md").read_text()
+    assert "| good4 |" in md and out.with_suffix(".png").exists()
