@@ -34,11 +34,9 @@ class DecodePlan:
 
 @dataclass
 class ChunkPlan:
-    """What a multi-token call stores: new survivors' slots and the slot moves that close holes."""
+    """What a multi-token call stores: the slot of every new token."""
 
     dest: torch.Tensor  # (B, H, m) int64 slot of each new token (non-survivors: the scratch slot)
-    move_src: torch.Tensor  # (B, H, W) int64 slots moved into holes (unused pairs: scratch -> scratch)
-    move_dst: torch.Tensor  # (B, H, W) int64
 
 
 class RowBook:
@@ -194,8 +192,10 @@ class RowBook:
 
         Candidates for eviction are the past window (``W`` slots) and the new tokens only: older
         survivors are unflagged and stay. Flagged tokens that left the window are dropped; new
-        survivors fill the freed slots first, then append; if fewer survive than were freed, the
-        rows are kept dense by moving tail slots into the holes. Capacity is adjusted here.
+        survivors fill the freed slots first, then append. Rows stay dense without moving a slot:
+        a row's ``W`` newest tokens are always kept, so the new tokens among them outnumber the
+        window tokens that left (``n_new >= min(n_real, W) >= n_left >= n_free``) and every freed
+        slot is refilled. Capacity is adjusted here.
         ``real`` None: every token is real.
         """
         bsz, heads, m = decisions.shape
@@ -228,9 +228,15 @@ class RowBook:
         n_new = keep_new.long().sum(-1)  # (B, H)
         new_length = self.length + n_new - n_free
 
-        # capacity: the longest row during this call, plus one scratch slot
+        # capacity: the longest row during this call, plus one scratch slot; one host read gives it
+        # and the longest row after the call
         peak = torch.maximum(self.length, new_length)
-        ensure(int(peak.max()) + 1 if peak.numel() else 1, peak)
+        if has_new is not None:  # rows without a real token keep their length
+            new_length = torch.where(has_new[:, None], new_length, self.length)
+        peak_max = longest = 0
+        if peak.numel():
+            peak_max, longest = torch.stack([peak.max(), new_length.max()]).tolist()
+        ensure(peak_max + 1, peak)
         scratch = self.capacity - 1
 
         use_freed = rank < n_free[..., None]
@@ -247,40 +253,10 @@ class RowBook:
         ring_ext.scatter_(-1, ring_idx, torch.where(in_window, dest, torch.full_like(dest, -1)))
         self.ring = ring_ext[..., : self.big_w].contiguous()
 
-        # close holes: freed slots no new token took, below the new length
-        src, dst = self._hole_moves(freed_sorted, n_free, n_new, new_length, scratch)
-        pos_src, flag_src = self.pos.gather(-1, src), self.flag.gather(-1, src)
-        self.pos.scatter_(-1, dst, pos_src)
-        self.flag.scatter_(-1, dst, flag_src)
-        moved = (self.ring[..., :, None] == src[..., None, :]) & (src != dst)[..., None, :]  # (B,H,W,W)
-        self.ring = torch.where(moved.any(-1), (moved.long() * dst[..., None, :]).sum(-1), self.ring)
-
-        if has_new is not None:  # rows without a real token keep their length
-            new_length = torch.where(has_new[:, None], new_length, self.length)
         self.length = new_length
         self.seen = self.seen + n_real
-        self.max_length_bound = int(self.length.max()) if self.length.numel() else 0
-        return ChunkPlan(dest=dest, move_src=src, move_dst=dst)
-
-    def _hole_moves(
-        self, freed_sorted, n_free, n_new, new_length, scratch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pairs (source slot in the tail, hole below the new length); unused pairs are no-ops."""
-        w = self.big_w
-        big = torch.iinfo(torch.long).max
-        j = torch.arange(w, device=freed_sorted.device)
-        n_holes = (n_free - n_new).clamp_min(0)  # (B, H)
-        is_hole = (j >= n_new[..., None]) & (j < n_free[..., None])  # positions in freed_sorted
-        holes = torch.where(is_hole, freed_sorted, big)  # (B, H, W)
-        low_holes = torch.where(holes < new_length[..., None], holes, big).sort(-1).values
-        tail = new_length[..., None] + j  # candidate sources: [new_length, old_length)
-        in_tail = j < n_holes[..., None]
-        tail_is_hole = (tail[..., :, None] == holes[..., None, :]).any(-1)
-        sources = torch.where(in_tail & ~tail_is_hole, tail, big).sort(-1).values
-        valid = low_holes < big
-        src = torch.where(valid, sources, torch.full_like(sources, scratch))
-        dst = torch.where(valid, low_holes, torch.full_like(low_holes, scratch))
-        return src, dst
+        self.max_length_bound = longest
+        return ChunkPlan(dest=dest)
 
     # ------------------------------------------------------------------ batch edits
     def select_rows(self, index: torch.Tensor) -> None:

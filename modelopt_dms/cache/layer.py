@@ -215,7 +215,6 @@ class DMSCacheLayer:
         self._visible = None
         plan = self.book.plan_chunk(decisions, real, self._ensure_growing, new_flag)
         self.kv.write(plan.dest, key, value)
-        self.kv.move(plan.move_src, plan.move_dst)
 
     def store(
         self,

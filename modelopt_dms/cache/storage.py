@@ -94,12 +94,6 @@ class BlockedKV:
         _bits(self.k).scatter_(2, idx, _bits(self.codec.encode(key, 0)))
         _bits(self.v).scatter_(2, idx, _bits(self.codec.encode(value, 1)))
 
-    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy slot ``src`` to slot ``dst`` of each row (``(B, H, n)``; pairs are disjoint)."""
-        si, di = _slot_index(src, self.head_dim), _slot_index(dst, self.head_dim)
-        for t in (_bits(self.k), _bits(self.v)):
-            t.scatter_(2, di, t.gather(2, si))
-
     def raw(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys and values of slots ``[start, end)``, ``(B, H, n, D)`` in the storage dtype."""
         if start == 0 and end == self.capacity:
@@ -287,13 +281,6 @@ class PagedKV:
         d = self.head_dim
         _bits(self.pool_k).view(-1, d).index_copy_(0, flat, _bits(self.codec.encode(key, 0)).reshape(-1, d))
         _bits(self.pool_v).view(-1, d).index_copy_(0, flat, _bits(self.codec.encode(value, 1)).reshape(-1, d))
-
-    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:  # noqa: D102
-        fs, fd = self._flat(src).flatten(), self._flat(dst).flatten()
-        d = self.head_dim
-        for pool in (self.pool_k, self.pool_v):
-            flat = _bits(pool).view(-1, d)
-            flat.index_copy_(0, fd, flat.index_select(0, fs))
 
     def raw(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather slots ``[start, end)`` of every row, ``(B, H, n, D)`` in the storage dtype."""
