@@ -40,9 +40,9 @@ def decode_attention(
     """
     bsz, hq, _, d = query.shape
     heads = keys.shape[1]
-    q = query.view(bsz, heads, hq // heads, d)
+    q = query.reshape(bsz, heads, hq // heads, d)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
-    return out.view(bsz, hq, 1, -1)
+    return out.reshape(bsz, hq, 1, -1)
 
 
 def sdpa_parts(
