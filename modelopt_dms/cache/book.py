@@ -86,7 +86,6 @@ class RowBook:
         return self.max_length_bound
 
     # ------------------------------------------------------------------ shared pieces
-
     def _ring_at(self, index: torch.Tensor) -> torch.Tensor:
         """``ring[b, h, index[b] % W]`` -> (B, H)."""
         idx = (index % self.big_w)[:, None, None].expand(-1, self.heads, 1)

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from ..corpus import build_mixture_sequences, build_token_sequences
 from ..export.adapters import save_adapters
 from ..fileio import atomic_write_json
 from ..loading import load_model
@@ -16,21 +15,14 @@ from ..model_dms import apply_dms
 from ..outputs import ensure_writable_parent, user_path
 from ..training.recipe import load_train_recipe
 from ..training.selection import list_snapshots, select_snapshot
+from .train import data_rows
 
 __all__ = ["selection_rows", "select_from_recipe"]
 
 
 def selection_rows(recipe, tok, context: int, rows: int) -> torch.Tensor:
     """``(rows, context)`` ids from the end of the recipe's *training* split (never held-out files)."""
-    d = recipe.data
-    if d.sources:
-        seqs, _ = build_mixture_sequences(
-            tok, d.sources, context, "train", d.heldout_fraction, d.seed, None, d.cache_dir
-        )
-    else:
-        seqs = build_token_sequences(
-            tok, d.text_glob, context, "train", d.heldout_fraction, d.seed, None, d.cache_dir
-        )
+    seqs, _ = data_rows(recipe.data, tok, context, "train", None)
     if seqs.shape[0] < rows:
         raise ValueError(
             f"the training text holds {seqs.shape[0]} rows of {context} tokens, {rows} requested: "
@@ -56,7 +48,8 @@ def select_from_recipe(
         raise ValueError(f"--target is a compression ratio >= 1, got {target}")
     recipe = load_train_recipe(recipe_path)
     run_dir = user_path(recipe.output.dir)
-    if not list_snapshots(run_dir):
+    snapshots = list_snapshots(run_dir)
+    if not snapshots:  # before loading the model
         raise ValueError(
             f"{run_dir} has no adapter snapshots: set train.snapshot_every (e.g. 25) in {recipe_path}, "
             "run it, then select."
@@ -66,8 +59,7 @@ def select_from_recipe(
     model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     model = apply_dms(model, recipe.dms)
     ids = selection_rows(recipe, tok, context, rows)
-    n = len(list_snapshots(run_dir))
-    log(f"[select] {n} snapshots of {run_dir} on {rows} x {context} training-split tokens")
+    log(f"[select] {len(snapshots)} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     choice, scores = select_snapshot(model, run_dir, ids, target, recipe.dms.window_size, log)
     save_adapters(model, out_path)
     record = {

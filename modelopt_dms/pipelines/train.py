@@ -28,7 +28,7 @@ from ..training.teacher_cache import TeacherCache, teacher_cache_folder
 from ..training.trainer import train
 from .export import ExportPlan, check_export_space, run_export_plan
 
-__all__ = ["export_plan_of", "preflight", "run_recipe"]
+__all__ = ["data_rows", "export_plan_of", "preflight", "run_recipe"]
 
 
 def export_plan_of(recipe: TrainRecipe) -> ExportPlan:
@@ -106,6 +106,24 @@ def run_recipe(
         folder.close()
 
 
+def data_rows(
+    data, tok, seq_len: int, split: str, max_sequences: int | None
+) -> tuple[torch.Tensor, dict[str, int] | None]:
+    """``(rows, rows per source or None)`` of ``seq_len`` tokens from a recipe's ``data`` text.
+
+    The recipe's one source (``text_glob``) or its mixture (``sources``), split into train and
+    held-out files as ``data`` says.
+    """
+    if data.sources:
+        return build_mixture_sequences(
+            tok, data.sources, seq_len, split, data.heldout_fraction, data.seed, max_sequences, data.cache_dir
+        )
+    rows = build_token_sequences(
+        tok, data.text_glob, seq_len, split, data.heldout_fraction, data.seed, max_sequences, data.cache_dir
+    )
+    return rows, None
+
+
 def _training_rows(recipe: TrainRecipe, tok, log) -> torch.Tensor | PackedRows:
     """The recipe's training rows: one document per row, or whole documents packed."""
     d = recipe.data
@@ -124,15 +142,9 @@ def _training_rows(recipe: TrainRecipe, tok, log) -> torch.Tensor | PackedRows:
         n_docs = int((rows.doc_ids.max(-1).values + 1).sum())
         log(f"[data] {rows.shape[0]} packed rows of {rows.shape[1]} tokens ({n_docs} documents{mix})")
         return rows
-    if d.sources:
-        seqs, counts = build_mixture_sequences(
-            tok, d.sources, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
-        )
+    seqs, counts = data_rows(d, tok, d.seq_len, "train", d.max_sequences)
+    if counts is not None:
         mix = "; rows " + ", ".join(f"{k} {n}" for k, n in counts.items())
-    else:
-        seqs = build_token_sequences(
-            tok, d.text_glob, d.seq_len, "train", d.heldout_fraction, d.seed, d.max_sequences, d.cache_dir
-        )
     seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
     log(
         f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
