@@ -18,8 +18,9 @@ overrides of the base recipe::
 snapshot ``modelopt-dms select`` picks for the recipe's ``dms.target_compression_ratio`` (the
 lowest KL among snapshots at or above it, scored on training-split text) instead of the last step.
 
-Variants train the DMS adapters (an all-weights variant needs a full-model export, which this
-runner does not evaluate yet). Every variant must train as many tokens as the base (steps x
+Variants train the DMS adapters, optionally with LoRA deltas (``train.lora_rank``: saved with the
+adapters and evaluated against the original model); an all-weights variant needs a full-model
+export, which this runner does not evaluate yet. Every variant must train as many tokens as the base (steps x
 grad_accum x batch x seq_len), or the runner refuses it with the numbers. Runs resume (a killed or
 cross-session ablation goes on where it stopped; finished variants are not retrained), evaluations
 are kept per variant. Writes

@@ -24,6 +24,7 @@ import torch
 import modelopt_dms as dms
 from modelopt_dms.corpus import DEFAULT_CACHE_DIR, build_token_sequences, split_token_stream
 from modelopt_dms.evaluation import fidelity_on_text, passkey_accuracy, passkey_samples
+from modelopt_dms.export.adapters import check_adapters
 from modelopt_dms.text_sources import SOURCES, source_files
 
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i, adapters in enumerate(args.adapters):
         model = copy.deepcopy(base)
         dms.load_adapters(model, adapters)
+        reference = _reference(base, adapters)
         window = dms.dms_config(model).window_size
         name = os.path.basename(os.path.normpath(adapters))
         entry = {"adapters": adapters, "window_size": window, "fidelity": {}, "passkey": {}}
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
             for c, windows in by_ctx.items():
                 rows = []
                 for j in range(windows.shape[0]):
-                    r = fidelity_on_text(model, windows[j : j + 1], window, args.generate)
+                    r = fidelity_on_text(
+                        model, windows[j : j + 1], window, args.generate, reference=reference
+                    )
                     rows.append(r.to_dict())
                     log(
                         f"[{name}] {src} ctx {c} text {j}: CR {r.compression_ratio:.2f} "
@@ -100,8 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
             subset = [s for s in samples if s.context_tokens == c]
             dms_res = passkey_accuracy(model, tok, subset)
             if i == 0:
-                with dms.eviction_disabled(model):
-                    base_res = passkey_accuracy(model, tok, subset)
+                uncompressed = model if reference is None else reference
+                with dms.eviction_disabled(uncompressed):
+                    base_res = passkey_accuracy(uncompressed, tok, subset)
                 results.setdefault("passkey_uncompressed", {})[c] = {
                     k: v for k, v in base_res.items() if k != "answers"
                 }
@@ -122,6 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
         f.write(f"Command: `{results['command']}` ({results['seconds'] / 60:.0f} min)\n\n{table}\n")
     _plot(results, os.path.splitext(args.out)[0] + ".png")
     return results
+
+
+def _reference(base, adapters: str):
+    """The uncompressed model to compare heads with LoRA deltas against (None: the heads' own model).
+
+    LoRA deltas merge into the weights, so the heads' model without eviction is not the original one:
+    the reference is the base with the same DMS config and no adapters (run without eviction).
+    """
+    record = check_adapters(adapters)
+    if "lora" not in record:
+        return None
+    return dms.apply_dms(copy.deepcopy(base), record["dms_config"])
 
 
 def _pk(r: dict) -> str:

@@ -41,8 +41,13 @@ def fidelity_on_text(
     window_size: int,
     generate_tokens: int = 64,
     prefill_chunk_size: int | None = 256,
+    reference: nn.Module | None = None,
 ) -> FidelityResult:
     """Compare a DMS model (compact cache) with itself under ``eviction_disabled`` on ``ids`` (1, T).
+
+    ``reference``: the uncompressed model to compare with instead (a DMS model, run under
+    ``eviction_disabled``), for heads whose base weights changed in training (LoRA deltas merged):
+    the original model, not the adapted one without eviction.
 
     * KL(teacher ‖ student) per token over the text (all positions, and positions past the window
       where eviction can matter), and both perplexities;
@@ -52,9 +57,10 @@ def fidelity_on_text(
     * the achieved compression ratio and KV bytes of the student's cache after the text.
     """
     model.eval()
-    with eviction_disabled(model):
-        teacher = model(input_ids=ids, use_cache=False).logits
-        cont = model.generate(
+    ref = model if reference is None else reference.eval()
+    with eviction_disabled(ref):
+        teacher = ref(input_ids=ids, use_cache=False).logits
+        cont = ref.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=generate_tokens,
@@ -62,7 +68,7 @@ def fidelity_on_text(
             min_new_tokens=generate_tokens,
         )[:, ids.shape[1] :]
         full = torch.cat([ids, cont], dim=1)
-        teacher_cont = model(input_ids=full, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+        teacher_cont = ref(input_ids=full, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
     cache = DMSCache(prefill_chunk_size=prefill_chunk_size)
     student = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
     stats = cache_stats(cache)

@@ -8,6 +8,11 @@ An adapter artifact is a directory with two files, written atomically:
   converted layers, parameter names with shapes and dtypes, the model class and a SHA-256 of the
   tensor file.
 
+A model trained with LoRA deltas (``train.lora_rank``, :mod:`modelopt_dms.nn.lora`) saves them too
+(``...dms_lora.<proj>.lora_a`` / ``lora_b``) with ``"lora"``: rank, alpha, targets and a digest of the
+base weights they were trained on. Loading merges them into those weights and refuses any other base
+(another checkpoint, or one the deltas were already merged into).
+
 No pickle is involved: the tensors are safetensors and everything else is JSON. The base weights are
 not written; load the artifact onto a model with the same base weights (e.g. the original checkpoint).
 """
@@ -36,6 +41,7 @@ from ..conversion import DMS_FORMAT_VERSION, is_dms_model
 from ..fileio import atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
 from ..model_dms import dms_config, dms_modules
 from ..nn.attention import ADAPTER_ATTR
+from ..nn.lora import LORA_ATTR, base_weights_digest, fold_delta, lora_deltas, weight_name
 from ..outputs import user_path
 
 __all__ = ["ADAPTERS_JSON", "ADAPTERS_SAFETENSORS", "check_adapters", "load_adapters", "save_adapters"]
@@ -69,6 +75,33 @@ def _current_config(model: nn.Module) -> dict[str, Any]:
 
 def _dms_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if ADAPTER_ATTR in name.split(".")}
+
+
+def _is_lora(name: str) -> bool:
+    return LORA_ATTR in name.split(".")
+
+
+def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The attached LoRA deltas as tensors, and the artifact's ``"lora"`` entry (None without)."""
+    deltas = lora_deltas(model)
+    if not deltas:
+        return {}, None
+    weights = dict(model.named_parameters())
+    tensors = {
+        name: p.detach().to("cpu").contiguous().clone()
+        for name, p in model.named_parameters()
+        if _is_lora(name)
+    }
+    first = next(iter(deltas.values()))
+    targets = sorted({w.rsplit(".", 2)[-2] for w in deltas})
+    record = {
+        "rank": int(first.lora_a.shape[0]),
+        "alpha": float(first.scale * first.lora_a.shape[0]),
+        "scale": float(first.scale),
+        "targets": targets,
+        "base_weights_sha256": base_weights_digest({w: weights[w] for w in deltas}),
+    }
+    return tensors, record
 
 
 def _layers(model: nn.Module) -> list[int]:
@@ -118,6 +151,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
             "initialise the model's weights before saving its adapters."
         )
     tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in params.items()}
+    lora_tensors, lora = _lora_record(model)
+    tensors.update(lora_tensors)
 
     path = user_path(path)
     if path.exists() and not path.is_dir():
@@ -127,19 +162,24 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     if ours_only:  # one atomic step: the folder is the previous artifact or the new one, never a mix
         tmp = staging_dir(path)
         try:
-            _write_artifact(tmp, model, config, tensors, header)
+            _write_artifact(tmp, model, config, tensors, header, lora)
             publish_dir(tmp, path)
             return path
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     # The folder holds other files too: replace our two files, JSON last (a kill in between leaves
     # a pair whose SHA-256 does not match, which load_adapters refuses with a message).
-    _write_artifact(path, model, config, tensors, header)
+    _write_artifact(path, model, config, tensors, header, lora)
     return path
 
 
 def _write_artifact(
-    folder: Path, model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], header: dict[str, str]
+    folder: Path,
+    model: nn.Module,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    header: dict[str, str],
+    lora: dict[str, Any] | None,
 ) -> None:
     st_file = atomic_save_safetensors(tensors, folder / ADAPTERS_SAFETENSORS, metadata=header)
     record = {
@@ -153,6 +193,8 @@ def _write_artifact(
         "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in tensors.items()},
         "safetensors_sha256": _sha256(st_file),
     }
+    if lora is not None:
+        record["lora"] = lora
     atomic_write_json(folder / ADAPTERS_JSON, record)
 
 
@@ -259,6 +301,58 @@ def _check_against(
             )
 
 
+def _lora_plan(
+    model: nn.Module, record: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path
+) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, float]]:
+    """``(weight, A, B, scale)`` per saved delta, checked against ``model`` before anything changes.
+
+    Refuses a malformed ``"lora"`` entry, deltas whose shapes do not fit, a model with deltas of its
+    own attached, and base weights other than those the deltas were trained on.
+    """
+    saved = {n: t for n, t in tensors.items() if _is_lora(n)}
+    lora = record.get("lora")
+    if lora is None:
+        if saved:
+            raise ValueError(f"{where} holds LoRA tensors but no 'lora' record; {_SAVE_HINT}.")
+        return []
+    if (
+        not isinstance(lora, dict)
+        or not isinstance(lora.get("base_weights_sha256"), str)
+        or not isinstance(lora.get("scale"), int | float)
+    ):
+        raise ValueError(f"{where / ADAPTERS_JSON} has a malformed 'lora' entry; {_SAVE_HINT}.")
+    if lora_deltas(model):
+        raise ValueError(
+            f"{type(model).__name__} has LoRA deltas attached (a model in training): merge them first "
+            "(modelopt_dms.nn.lora.merge_lora(model)), or load the adapters onto the original base model."
+        )
+    weights = dict(model.named_parameters())
+    plan = []
+    for a_name in sorted(n for n in saved if n.endswith(".lora_a")):
+        b_name = a_name.removesuffix(".lora_a") + ".lora_b"
+        w = weights.get(weight_name(a_name))
+        a, b = saved[a_name], saved.get(b_name)
+        if w is None or b is None or tuple(w.shape) != (b.shape[0], a.shape[1]) or b.shape[1] != a.shape[0]:
+            raise ValueError(
+                f"The LoRA delta {a_name} in {where} does not fit this model (no such projection, a missing "
+                "lora_b, or other shapes): the adapters were trained on another architecture; load them "
+                "onto the model they were trained on."
+            )
+        plan.append((w, a, b, float(lora["scale"])))
+    if len(plan) * 2 != len(saved):
+        raise ValueError(f"{where} holds LoRA tensors without their pair (lora_a / lora_b); {_SAVE_HINT}.")
+    bases = [weight_name(n) for n in saved if n.endswith(".lora_a")]
+    digest = base_weights_digest({w: weights[w] for w in bases})
+    if digest != lora["base_weights_sha256"]:
+        raise ValueError(
+            f"The LoRA deltas in {where} were trained on other base weights than this model's (the digest "
+            "of its attention projections differs): another checkpoint, or these adapters were already "
+            "loaded into it (loading merges the deltas). Load them onto a fresh copy of the base model "
+            "they were trained on."
+        )
+    return plan
+
+
 def _meta_copy(model: nn.Module) -> nn.Module | None:
     """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
     memo: dict[int, Any] = {}
@@ -279,6 +373,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     (``mto.apply_mode(model, [("dms", config)])``); if it already has DMS, its config must equal the
     saved one. The compatibility checks run before the model is modified (on a meta-device copy), so a
     refused load leaves the model as it was. Tensors are cast to the dtype of the model's parameters.
+    Saved LoRA deltas are merged into the base weights they were trained on; any other base, including
+    one they were already merged into, is refused.
 
     Raises:
         ValueError: missing or malformed files, a different format version, a config that differs from
@@ -296,6 +392,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     record, tensors = _read_artifact(where)
     saved_config = _normalise_config(record["dms_config"], where)
+    lora_plan = _lora_plan(model, record, tensors, where)  # before the model is changed
+    tensors = {n: t for n, t in tensors.items() if not _is_lora(n)}
     saved_class = record.get("model_class")
     if saved_class and saved_class != type(model).__name__:
         warnings.warn(
@@ -332,4 +430,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+    for weight, a, b, scale in lora_plan:
+        fold_delta(weight, a, b, scale)
     return model

@@ -17,6 +17,7 @@ from ..export.onnx import check_onnx_target
 from ..fileio import atomic_write_json
 from ..loading import load_model
 from ..model_dms import apply_dms
+from ..nn.lora import merge_lora
 from ..outputs import OutputError, ensure_writable_parent, user_path
 from ..schema import RecipeError
 from ..training.chat_data import mix_chat_sequences
@@ -183,7 +184,8 @@ def _train_in(
     if rank != 0:
         return {"rank": rank}
     if not cfg.train_all_weights:  # all weights trained: only the exported model is the trained one
-        save_adapters(model, user_path(recipe.output.adapters_path))
+        save_adapters(model, user_path(recipe.output.adapters_path))  # with the LoRA deltas, if any
+    merge_lora(model)  # exports hold the merged weights (no-op without LoRA)
     calib = recipe.quantize.calib_sequences if recipe.quantize else 0
     ids = seqs.input_ids if isinstance(seqs, PackedRows) else seqs
     _, exported = run_export_plan(

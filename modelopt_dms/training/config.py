@@ -33,6 +33,12 @@ class TrainConfig(Section):
     compression_weight: float = Field(1.0, ge=0.0)
     kl_direction: Literal["forward", "reverse"] = "forward"
     train_all_weights: bool = False
+    # > 0: also train rank-r deltas (LoRA) of the attention projections, at lora_lr; the adapters
+    # artifact then carries them and loading merges them into the base weights it was trained on
+    lora_rank: int = Field(0, ge=0)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_lr: float = Field(2e-4, gt=0.0, le=1.0)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     autocast_bf16: bool = False
     fsdp: bool = False  # shard the model over the torchrun processes (FSDP2); else data parallel
     log_every: int = Field(1, ge=1)
@@ -58,6 +64,15 @@ class TrainConfig(Section):
             raise ValueError(
                 "train.snapshot_every saves the decision adapters of one process: it needs "
                 "train.train_all_weights: false and train.fsdp: false (or set snapshot_every: 0)."
+            )
+        if self.lora_rank and (self.train_all_weights or self.fsdp):
+            raise ValueError(
+                "train.lora_rank trains low-rank deltas on frozen base weights in data parallel: it needs "
+                "train.train_all_weights: false and train.fsdp: false (or set lora_rank: 0)."
+            )
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError(
+                "train.lora_targets is empty: name the projections to adapt, e.g. [q_proj, v_proj]."
             )
         return self
 

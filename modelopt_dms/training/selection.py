@@ -11,6 +11,7 @@ the held-out evaluation text (the pipeline uses training-split documents).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..cache import DMSCache, cache_stats
-from ..export.adapters import load_adapters
+from ..export.adapters import check_adapters, load_adapters
 from ..model_dms import eviction_disabled
 from ..nn.divergence import kl_per_token
 
@@ -34,6 +35,7 @@ __all__ = [
     "score_snapshot",
     "select_snapshot",
     "snapshot_path",
+    "uncompressed_logits",
 ]
 
 SNAPSHOTS = "snapshots"
@@ -93,8 +95,7 @@ def score_snapshot(
     model.eval()
     device = next(model.parameters()).device
     if reference is None:
-        with eviction_disabled(model):
-            reference = [model(input_ids=r[None].to(device), use_cache=False).logits for r in rows]
+        reference = uncompressed_logits(model, rows)
     seen = kept = 0
     kls = []
     for row, ref in zip(rows, reference, strict=True):
@@ -105,6 +106,15 @@ def score_snapshot(
         kept += int(stats["tokens_kept"].sum())
         kls.append(kl_per_token(ref, logits)[0, window + 1 :])
     return seen / max(kept, 1), float(torch.cat(kls).mean()), reference
+
+
+@torch.inference_mode()
+def uncompressed_logits(model: nn.Module, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of ``model`` under ``eviction_disabled`` per row (the reference KL is taken against)."""
+    model.eval()
+    device = next(model.parameters()).device
+    with eviction_disabled(model):
+        return [model(input_ids=r[None].to(device), use_cache=False).logits for r in rows]
 
 
 def pick_snapshot(scores: list[SnapshotScore], target: float) -> SnapshotScore:
@@ -137,10 +147,15 @@ def select_snapshot(
         raise ValueError(
             f"{run_dir} has no adapter snapshots: train with train.snapshot_every > 0 (e.g. 25), then select."
         )
-    scores, reference = [], None
+    # the uncompressed reference from the base weights, before any snapshot (LoRA) changes them
+    reference = uncompressed_logits(model, rows)
+    scores = []
     for step, folder in snapshots:
-        load_adapters(model, folder)
-        cr, kl, reference = score_snapshot(model, rows, window, reference)
+        # LoRA snapshots merge into the weights: each goes onto a fresh copy of the base
+        candidate = copy.deepcopy(model) if "lora" in check_adapters(folder) else model
+        load_adapters(candidate, folder)
+        cr, kl, _ = score_snapshot(candidate, rows, window, reference)
+        del candidate
         scores.append(SnapshotScore(step, str(folder), cr, kl))
         log(f"[select] step {step:>6}: CR {cr:.2f}, KL {kl:.4f}")
     choice = pick_snapshot(scores, target)

@@ -1,10 +1,11 @@
 """The teacher's distribution per training row, computed once and kept on disk (a CPU speed-up).
 
-The teacher is the model with eviction disabled: its logits on a row never change while only the
-DMS decision heads train, so a row's teacher forward is done the first time the row is seen and
-stored as the ``k`` largest log-probabilities per position, their token ids and the log of the
-remaining probability mass (:class:`~modelopt_dms.training.fused_kl.TopKTeacher`). Later epochs and
-other runs on the same rows (ablations) read it back instead of running the teacher.
+The teacher is the model with eviction disabled (and LoRA deltas, if any, switched off): its logits
+on a row never change while the base weights are frozen, so a row's teacher forward is done the
+first time the row is seen and stored as the ``k`` largest log-probabilities per position, their
+token ids and the log of the remaining probability mass
+(:class:`~modelopt_dms.training.fused_kl.TopKTeacher`). Later epochs and other runs on the same
+rows (ablations) read it back instead of running the teacher.
 
 What it changes: the KL becomes KL_k (top-k outcomes plus one merged "tail" outcome), a lower bound
 of the full KL that equals it when the teacher puts no mass outside its top k; the student's own
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..fileio import atomic_save_safetensors
 from ..model_dms import eviction_disabled
+from ..nn.lora import lora_disabled
 from .fused_kl import TopKTeacher
 
 __all__ = ["TeacherCache", "teacher_cache_folder"]
@@ -65,7 +67,7 @@ class TeacherCache:
     @torch.no_grad()
     def _compute(self, model: nn.Module, batch: dict, missing: list[int]) -> None:
         kw = {k: batch[k][missing] for k in ("position_ids", "attention_mask") if k in batch}
-        with eviction_disabled(model):
+        with eviction_disabled(model), lora_disabled(model):
             logits = model(input_ids=batch["input_ids"][missing], use_cache=False, **kw).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         top, idx = logprobs.topk(self.k, dim=-1)

@@ -1,8 +1,10 @@
 """Distillation trainer for DMS decision heads (docs/design.md §2, "Distillation").
 
 The teacher is the same model under :func:`modelopt_dms.eviction_disabled` (no second copy of the
-weights) while only the DMS adapters train; with ``train_all_weights`` it is a frozen copy of the
-model as passed in (the original weights), so the target does not drift with the student.
+weights) while only the DMS adapters train (and, with ``lora_rank``, low-rank deltas of the
+attention projections, off for the teacher: :func:`~modelopt_dms.nn.lora.lora_disabled`); with
+``train_all_weights`` it is a frozen copy of the model as passed in (the original weights), so the
+target does not drift with the student.
 Loss = KL(teacher ‖ student) per token + ``compression_weight`` × one-sided compression loss
 against the linearly annealed target ratio. Checkpoints are atomic and hold everything needed
 to resume the same loss curve (DMS state, optimizer, step, RNG).
@@ -25,6 +27,7 @@ from ..export.adapters import save_adapters
 from ..fileio import TEMP_MARK, atomic_write_json
 from ..model_dms import dms_config, dms_modules, eviction_disabled, eviction_rate, set_step
 from ..nn.attention import ADAPTER_ATTR
+from ..nn.lora import LORA_ATTR, attach_lora, has_lora, lora_disabled
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_reduce_mean, is_sharded, shard_model, unshard_for_saving, world
@@ -43,7 +46,8 @@ class TrainingDivergedError(RuntimeError):
 def _trainable(model: nn.Module, all_weights: bool) -> list[nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(all_weights or ADAPTER_ATTR in name.split("."))
+        parts = name.split(".")
+        p.requires_grad_(all_weights or ADAPTER_ATTR in parts or LORA_ATTR in parts)
         if p.requires_grad:
             params.append(p)
     if not params:
@@ -118,6 +122,15 @@ def _kl_view(batch: dict, window: int, beyond_window: bool) -> tuple[slice, torc
     return slice(None), beyond if valid is None else valid & beyond
 
 
+def _param_groups(model: nn.Module, params: list[nn.Parameter], config: TrainConfig) -> list[dict]:
+    """One optimizer group at ``lr``, and the LoRA deltas (if any) in a second one at ``lora_lr``."""
+    lora = {id(p) for n, p in model.named_parameters() if LORA_ATTR in n.split(".")}
+    groups = [{"params": [p for p in params if id(p) not in lora], "lr": config.lr}]
+    if lora:
+        groups.append({"params": [p for p in params if id(p) in lora], "lr": config.lora_lr})
+    return groups
+
+
 def frozen_teacher(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` (eval mode, no gradients): the teacher when every weight trains."""
     teacher = copy.deepcopy(model)
@@ -148,7 +161,7 @@ def _losses(
         teacher = teacher_cache.get(model, batch, keep)
     else:
         source = model if teacher_model is None else teacher_model
-        with torch.no_grad(), eviction_disabled(source):
+        with torch.no_grad(), eviction_disabled(source), lora_disabled(source):
             t_out = source(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
         teacher = hidden.take()[:, keep] if fused else t_out.logits[:, keep]
     s_out = model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
@@ -182,6 +195,9 @@ def train(
     a function of its row id, so a resumed run, or the same global batch spread over another number
     of ranks and accumulation steps, computes exactly the same. Returns the per-step history, also
     appended to ``out_dir/train_log.jsonl``.
+
+    With ``config.lora_rank`` the LoRA deltas stay attached when it returns (``save_adapters`` saves
+    them); call :func:`modelopt_dms.nn.lora.merge_lora` before ``mto.save`` or an export.
     """
     os.makedirs(out_dir, exist_ok=True)
     config = config.with_target(dms_config(model).target_compression_ratio)
@@ -201,6 +217,8 @@ def train(
         shard_model(model)
         local = sum(p.to_local().numel() for p in model.parameters())
         sharding = {"params_total": total, "params_local_rank0": local}
+    if config.lora_rank and not has_lora(model):  # before the optimizer and the checkpoint load
+        attach_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     params = _trainable(model, config.train_all_weights)
     _upcast_trainable(params)
     if config.gradient_checkpointing:
@@ -212,7 +230,8 @@ def train(
         raise ValueError("train.attention: flex has no backward on CPU; use eager (or auto) there")
     for m in dms_modules(model):
         m.dms_switches.training_kernel = kernel
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    groups = _param_groups(model, params, config)
+    opt = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
     start, history = 0, []
     for stale in os.listdir(out_dir):  # temp folders of checkpoint saves that were killed midway
         if stale.startswith(f".checkpoint{TEMP_MARK}"):
