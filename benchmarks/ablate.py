@@ -19,11 +19,15 @@ snapshot ``modelopt-dms select`` picks for the recipe's ``dms.target_compression
 lowest KL among snapshots at or above it, scored on training-split text) instead of the last step.
 
 Variants train the DMS adapters, optionally with LoRA deltas (``train.lora_rank``: saved with the
-adapters and evaluated against the original model); an all-weights variant needs a full-model
-export, which this runner does not evaluate yet. Every variant must train as many tokens as the base (steps x
-grad_accum x batch x seq_len), or the runner refuses it with the numbers. Runs resume (a killed or
-cross-session ablation goes on where it stopped; finished variants are not retrained), evaluations
-are kept per variant. Writes
+adapters and evaluated against the original model). An all-weights variant
+(``train.train_all_weights: true``) is exported to ``<run>/export`` and that model is evaluated
+against the original; its checkpoint (full weights and optimizer, ~1.6 GB for 135M) and export are
+kept out of git by ``<root>/.gitignore`` (the runner writes it), so such a run must finish within
+one session.
+
+Every variant must train as many tokens as the base (steps x grad_accum x batch x seq_len), or the
+runner refuses it with the numbers. Runs resume (a killed or cross-session ablation goes on where it
+stopped; finished variants are not retrained), evaluations are kept per variant. Writes
 ``<out>.json``, ``<out>.md`` (tokens, CPU-hours and every metric per variant) and ``<out>.png``.
 
     .venv/bin/python benchmarks/ablate.py SPEC.yaml --out benchmarks/results/ablation/ablation_cr4.json
@@ -97,7 +101,7 @@ def _variant_recipes(spec: dict) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     base_raw = yaml.safe_load(Path(spec["base"]).read_text())
     base_tokens = None
-    paths = {}
+    paths, all_weights = {}, []
     for name, overrides in spec["variants"].items():
         raw = apply_overrides(base_raw, recipe_overrides(overrides))
         raw.setdefault("output", {})
@@ -105,6 +109,9 @@ def _variant_recipes(spec: dict) -> dict[str, Path]:
         raw["output"]["adapters_dir"] = str(root / name / "adapters")
         raw.pop("export", None)
         raw.pop("quantize", None)
+        if raw.get("train", {}).get("train_all_weights"):  # only the exported model is the trained one
+            raw["export"] = {"hf_dir": str(root / name / "export"), "overwrite": True}
+            all_weights.append(name)
         path = root / f"{name}.yaml"
         text = yaml.safe_dump(raw, sort_keys=False)
         if not path.exists() or path.read_text() != text:
@@ -117,7 +124,50 @@ def _variant_recipes(spec: dict) -> dict[str, Path]:
                 "adjust its train.steps so every variant has the same budget"
             )
         paths[name] = path
+    _untracked_large_files(root, all_weights)
     return paths
+
+
+_IGNORE_HEADER = (
+    "# written by benchmarks/ablate.py: full-weight checkpoints and exports (GBs) stay out of git"
+)
+
+
+def _untracked_large_files(root: Path, names: list[str]) -> None:
+    """``<root>/.gitignore``: the checkpoints and exports of the all-weights variants ``names``."""
+    ignore = root / ".gitignore"
+    if ignore.exists() and not ignore.read_text().startswith(_IGNORE_HEADER):
+        raise ValueError(
+            f"{ignore} was not written by this runner; it is left alone. Move it away (the runner keeps "
+            "the all-weights variants' checkpoints and exports out of git with its own) and rerun."
+        )
+    lines = [_IGNORE_HEADER] + [
+        f"/{n}/{p}" for n in names for p in ("checkpoint*/", ".checkpoint*/", "export/")
+    ]
+    text = "\n".join(lines) + "\n"
+    if names and (not ignore.exists() or ignore.read_text() != text):
+        ignore.write_text(text)
+
+
+def _heads_of(run_dir: Path, recipe) -> tuple[str, Path]:
+    """``(kind, path)`` of what a run trained: its adapters, or its export when all weights trained."""
+    if recipe.train.train_all_weights:
+        return "exported", run_dir / "export"
+    return "adapters", run_dir / "adapters"
+
+
+def _heads_digest(kind: str, path: Path) -> str | None:
+    """A hash of the trained tensors (None: not trained yet)."""
+    if kind == "adapters":
+        f = path / "dms_adapters.safetensors"
+        return _tensors_digest(f) if f.exists() else None
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards or not (path / "config.json").exists():
+        return None
+    h = hashlib.sha256()
+    for shard in shards:
+        h.update(_tensors_digest(shard).encode())
+    return h.hexdigest()
 
 
 def _train_seconds(run_dir: Path, tokens_per_step: int) -> float:
@@ -140,19 +190,20 @@ def _tensors_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _evaluate(
-    name: str, recipe_path: Path, run_dir: Path, eval_args: list[str], model: str, adapters: Path
-) -> dict:
-    """The heads evaluation of one variant, kept in its run folder and redone when the heads change."""
+def _evaluate(run_dir: Path, eval_args: list[str], model: str, kind: str, heads: Path) -> dict:
+    """The heads evaluation of one variant, kept in its run folder and redone when the heads change.
+
+    ``kind``: ``adapters`` (an adapters folder) or ``exported`` (an HF export folder).
+    """
     out = run_dir / "eval.json"
-    digest = _tensors_digest(adapters / "dms_adapters.safetensors")
+    digest = _heads_digest(kind, heads)
     if out.exists():
         saved = json.loads(out.read_text())
         if saved.get("adapters_sha256") == digest and saved.get("eval_args") == eval_args:
             return saved
     import eval_heads
 
-    res = eval_heads.main(["--model", model, "--adapters", str(adapters), *eval_args, "--out", str(out)])
+    res = eval_heads.main(["--model", model, f"--{kind}", str(heads), *eval_args, "--out", str(out)])
     res = {**json.loads(json.dumps(res)), "adapters_sha256": digest, "eval_args": eval_args}
     atomic_write_json(out, res)
     return res
@@ -273,15 +324,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only is None or name in args.only:
             log(f"[ablate] {name}: train {token_budget(recipe)} tokens -> {run_dir}")
             run_recipe(str(path), progress=False, log=log)
-        if not (run_dir / "adapters" / "dms_adapters.safetensors").exists():
+        kind, heads = _heads_of(run_dir, recipe)
+        if _heads_digest(kind, heads) is None:
             log(f"[ablate] {name}: not trained yet (left out of the table)")
             continue
-        adapters, chosen = run_dir / "adapters", None
+        chosen = None
         variant = spec["variants"][name] or {}
         if variant.get("select"):
-            adapters, chosen = _selected(path, recipe, run_dir)
+            heads, chosen = _selected(path, recipe, run_dir)
         eval_args = [str(a) for a in spec.get("eval", [])]
-        ev = _evaluate(name, path, run_dir, eval_args, recipe.model.name_or_path, adapters)
+        ev = _evaluate(run_dir, eval_args, recipe.model.name_or_path, kind, heads)
         row = _row(name, recipe_overrides(variant), recipe, run_dir, ev, args.threads)
         if chosen is not None:
             row["selected"] = chosen

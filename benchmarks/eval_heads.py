@@ -25,6 +25,7 @@ import modelopt_dms as dms
 from modelopt_dms.corpus import DEFAULT_CACHE_DIR, build_token_sequences, split_token_stream
 from modelopt_dms.evaluation import fidelity_on_text, passkey_accuracy, passkey_samples
 from modelopt_dms.export.adapters import check_adapters
+from modelopt_dms.export.hf_checkpoint import load_exported
 from modelopt_dms.text_sources import SOURCES, source_files
 
 
@@ -52,7 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     installed = [name for name in SOURCES if source_files(name)]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--adapters", action="append", required=True, help="adapters dir(s); repeat to compare")
+    p.add_argument("--adapters", action="append", default=[], help="adapters dir(s); repeat to compare")
+    p.add_argument(
+        "--exported",
+        action="append",
+        default=[],
+        help="HF export dir(s) of DMS models (e.g. all weights trained), compared with the original --model",
+    )
     p.add_argument("--sources", nargs="+", default=installed, help="text sources for fidelity")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048])
     p.add_argument("--texts", type=int, default=2, help="held-out text windows per (source, context)")
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/heads/heads_eval.json")
     args = p.parse_args(argv)
+    if not args.adapters and not args.exported:
+        p.error("name the heads to evaluate: --adapters DIR and/or --exported DIR")
     torch.set_num_threads(args.threads)
     t_start = time.time()
     base, tok = dms.load_model(args.model)
@@ -79,13 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     stream = split_token_stream(tok, args.passkey_source, "heldout", cache_dir=DEFAULT_CACHE_DIR)
     samples = passkey_samples(tok, stream, args.passkey_contexts, args.passkey_depths, args.passkey_seeds)
 
-    for i, adapters in enumerate(args.adapters):
-        model = copy.deepcopy(base)
-        dms.load_adapters(model, adapters)
-        reference = _reference(base, adapters)
+    heads = [("adapters", a) for a in args.adapters] + [("exported", e) for e in args.exported]
+    for i, (kind, path) in enumerate(heads):
+        model, reference = _heads_model(base, kind, path)
         window = dms.dms_config(model).window_size
-        name = os.path.basename(os.path.normpath(adapters))
-        entry = {"adapters": adapters, "window_size": window, "fidelity": {}, "passkey": {}}
+        name = os.path.basename(os.path.normpath(path))
+        entry = {kind: path, "window_size": window, "fidelity": {}, "passkey": {}}
         for src, by_ctx in held.items():
             for c, windows in by_ctx.items():
                 rows = []
@@ -129,16 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def _reference(base, adapters: str):
-    """The uncompressed model to compare heads with LoRA deltas against (None: the heads' own model).
+def _heads_model(base, kind: str, path: str):
+    """``(DMS model, reference)``: the heads to evaluate and the uncompressed model to compare with.
 
-    LoRA deltas merge into the weights, so the heads' model without eviction is not the original one:
-    the reference is the base with the same DMS config and no adapters (run without eviction).
+    ``reference`` None: the heads' own model without eviction (adapters only: the base weights are
+    the original ones). Heads that change the base weights (LoRA deltas, merged on load; an export
+    with all weights trained) are compared with the original: the base with the same DMS config and
+    no adapters, run without eviction.
     """
-    record = check_adapters(adapters)
-    if "lora" not in record:
-        return None
-    return dms.apply_dms(copy.deepcopy(base), record["dms_config"])
+    if kind == "exported":
+        model, _ = load_exported(path)
+        return model, dms.apply_dms(copy.deepcopy(base), dms.dms_config(model))
+    model = dms.load_adapters(copy.deepcopy(base), path)
+    if "lora" not in check_adapters(path):
+        return model, None
+    return model, dms.apply_dms(copy.deepcopy(base), dms.dms_config(model))
 
 
 def _pk(r: dict) -> str:

@@ -118,3 +118,51 @@ def test_a_select_variant_evaluates_the_chosen_snapshot(ablate):
     assert all(chosen[k].equal(snap[k]) for k in snap)
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["adapters_sha256"] == mod._tensors_digest(run / "selected" / "dms_adapters.safetensors")
+
+
+def test_lora_and_all_weights_variants_are_evaluated_against_the_original(ablate):
+    import subprocess
+
+    import torch
+
+    import modelopt_dms as dms
+
+    mod, root = ablate
+    spec = {
+        "base": str(TINY),
+        "root": "abl",
+        "eval": EVAL,
+        "variants": {"lora": {"train.lora_rank": 2}, "all": {"train.train_all_weights": True}},
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    payload = mod.main(["spec.yaml", "--out", str(root / "res" / "abl.json"), "--threads", "1"])
+    assert {r["variant"] for r in payload["rows"]} == {"lora", "all"}
+    record = json.loads((root / "abl" / "lora" / "adapters" / "dms_adapters.json").read_text())
+    assert record["lora"]["rank"] == 2
+    assert "exported" in json.loads((root / "abl" / "all" / "eval.json").read_text())["methods"]["export"]
+    # the all-weights run's checkpoint and export stay out of git; the LoRA run's checkpoint does not
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    ignored = subprocess.run(
+        [
+            "git",
+            "check-ignore",
+            "abl/all/checkpoint/state.json",
+            "abl/all/export/config.json",
+            "abl/lora/checkpoint/state.json",
+            "abl/all/train_log.jsonl",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert ignored == ["abl/all/checkpoint/state.json", "abl/all/export/config.json"]
+    # the reference of an all-weights export is the original model, not the export without eviction
+    import eval_heads
+
+    base, _ = dms.load_model(str(root / "tiny_model"))
+    model, reference = eval_heads._heads_model(base, "exported", str(root / "abl" / "all" / "export"))
+    ids = torch.randint(0, 100, (1, 20))
+    with torch.no_grad(), dms.eviction_disabled(reference), dms.eviction_disabled(model):
+        want = base(input_ids=ids).logits
+        torch.testing.assert_close(reference(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert (model(input_ids=ids).logits - want).abs().max() > 1e-4
