@@ -48,8 +48,13 @@ def workdir(tmp_path, monkeypatch, tok):
 
 def _demo(root, adapters, lines):
     opts = DemoOptions(
-        model=str(root / "tiny"), adapters=adapters, window=8, context=256, new_tokens=6,
-        json=str(root / "demo.json"), text_glob=str(root / "text" / "*.txt"),
+        model=str(root / "tiny"),
+        adapters=adapters,
+        window=8,
+        context=256,
+        new_tokens=6,
+        json=str(root / "demo.json"),
+        text_glob=str(root / "text" / "*.txt"),
     )
     return run_demo(opts, log=lines.append)
 
@@ -71,6 +76,39 @@ def test_demo_reports_identity_fidelity_passkeys_and_answer(workdir):
     assert f"{fid['kl_per_token']:.4f}" in text and f"{fid['compression_ratio']:.2f}x" in text
     assert "max |logit diff| vs the original model = 0.00e+00" in text
     assert sum("[" in ln and "/5]" in ln for ln in lines) == 5
+
+
+def test_demo_with_lora_heads_compares_with_the_original_model(workdir):
+    from modelopt_dms.nn.lora import attach_lora, lora_deltas
+
+    trained = dms.apply_dms(tiny_model("llama", seed=1), {"window_size": 8})
+    attach_lora(trained, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for m in dms.dms_modules(trained):
+            m.dms_adapter.proj.weight.normal_(0, 0.05)
+        for d in lora_deltas(trained).values():
+            d.lora_b.normal_(0, 0.05)
+    dms.save_adapters(trained, workdir / "lora_heads")
+    lines: list[str] = []
+    result = _demo(workdir, str(workdir / "lora_heads"), lines)
+    assert result["max_abs_diff_eviction_off"] == 0.0  # the reference: the original model, exactly
+    # the fidelity KL is taken against the original: recompute it from the merged model's compact cache
+    from modelopt_dms.evaluation.fidelity import fidelity_on_text
+
+    original = dms.apply_dms(tiny_model("llama", seed=1), {"window_size": 8})
+    merged = dms.load_adapters(tiny_model("llama", seed=1), workdir / "lora_heads")
+    text = dms.corpus.build_token_sequences(
+        dms.load_model(str(workdir / "tiny"))[1],
+        str(workdir / "text" / "*.txt"),
+        256,
+        "heldout",
+        max_sequences=1,
+        cache_dir=dms.corpus.DEFAULT_CACHE_DIR,
+    )
+    want = fidelity_on_text(merged, text, 8, generate_tokens=6, reference=original)
+    assert result["fidelity"]["kl_per_token"] == pytest.approx(want.kl_per_token, rel=1e-5)
+    own = fidelity_on_text(merged, text, 8, generate_tokens=6)
+    assert own.kl_per_token != pytest.approx(want.kl_per_token, rel=1e-3)
 
 
 def test_demo_without_adapters_evicts_nothing_and_refuses_a_typo(workdir):

@@ -8,6 +8,7 @@ generates a chat answer through the compact cache.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,7 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict[str,
     """Run the demo; returns (and optionally writes to ``opts.json``) the measured results."""
     torch.manual_seed(0)
     t0 = time.time()
-    if opts.adapters:
-        check_adapters(opts.adapters)  # a typo is reported before the model loads
+    record = check_adapters(opts.adapters) if opts.adapters else None  # a typo: before the model loads
     log(f"[1/5] loading {opts.model} ...")
     model, tok = load_model(opts.model)
     msgs = [{"role": "user", "content": PROMPT}]
@@ -61,15 +61,19 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict[str,
         ref_logits = model(**enc).logits
 
     log("[2/5] applying the 'dms' mode and loading the trained decision heads ...")
+    reference = None  # the uncompressed model: the DMS model itself under eviction_disabled ...
     if opts.adapters:
+        if "lora" in record:  # ... unless LoRA deltas merge into its weights: then the original
+            reference = apply_dms(copy.deepcopy(model), record["dms_config"])
         load_adapters(model, opts.adapters)
         heads = opts.adapters
     else:
         model = apply_dms(model, {"window_size": opts.window})
         heads = "untrained (no --adapters: they evict nothing)"
     window = dms_config(model).window_size
-    with torch.inference_mode(), eviction_disabled(model):
-        diff_off = (model(**enc).logits - ref_logits).abs().max().item()
+    uncompressed = model if reference is None else reference
+    with torch.inference_mode(), eviction_disabled(uncompressed):
+        diff_off = (uncompressed(**enc).logits - ref_logits).abs().max().item()
     log(f"      heads: {heads}; window {window}")
     log(f"      eviction disabled -> max |logit diff| vs the original model = {diff_off:.2e}")
     result: dict[str, Any] = {
@@ -89,7 +93,7 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict[str,
 
     if text is not None:
         log(f"[3/5] fidelity on {opts.context} held-out tokens of real text (never trained on) ...")
-        r = fidelity_on_text(model, text, window, generate_tokens=opts.new_tokens)
+        r = fidelity_on_text(model, text, window, generate_tokens=opts.new_tokens, reference=reference)
         log(
             f"      achieved compression {r.compression_ratio:.2f}x (window included): KV "
             f"{r.kv_bytes_allocated / 2**20:.1f} MiB allocated vs {r.kv_bytes_dense / 2**20:.1f} MiB dense"
@@ -104,8 +108,8 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> dict[str,
         log(f"[4/5] pass-key retrieval at {opts.context} tokens, depths {depths} ...")
         samples = passkey_samples(tok, stream, [opts.context], list(PASSKEY_DEPTHS), seed=7)
         got = passkey_accuracy(model, tok, samples)
-        with eviction_disabled(model):
-            base = passkey_accuracy(model, tok, samples)
+        with eviction_disabled(uncompressed):
+            base = passkey_accuracy(uncompressed, tok, samples)
         log(
             f"      DMS {got['correct']}/{got['n']} (CR {got['compression_ratio']:.2f}) vs uncompressed "
             f"{base['correct']}/{base['n']}"
