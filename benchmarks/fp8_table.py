@@ -52,16 +52,19 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     t0 = time.time()
     base, tok = dms.load_model(args.model)
+    original = copy.deepcopy(base)  # the uncompressed reference (heads with LoRA change the weights)
     dms.load_adapters(base, args.adapters)
+    original = dms.apply_dms(original, dms.dms_config(base))
     calib_ids = build_token_sequences(
         tok, PYTHON_DOCS_GLOB, 512, "train", max_sequences=args.calib, cache_dir=DEFAULT_CACHE_DIR
     )
     calib = [calib_ids[i : i + 1] for i in range(calib_ids.shape[0])]
     log(f"calibrating FP8 KV quantizers on {len(calib)} x 512 training tokens ...")
     fp8 = dms.quantize_fp8(copy.deepcopy(base), calib, weights=False, kv_cache=True)
+    fp8_original = dms.quantize_fp8(copy.deepcopy(original), calib, weights=False, kv_cache=True)
     methods = {
-        "dense (fp32 cache)": (base, True),
-        "FP8 KV only": (fp8, True),
+        "dense (fp32 cache)": (original, True),
+        "FP8 KV only": (fp8_original, True),
         "DMS": (base, False),
         "DMS + FP8 KV": (fp8, False),
     }
@@ -81,7 +84,7 @@ def main(argv=None) -> dict:
         }
         for j in range(texts.shape[0]):
             ids = texts[j : j + 1]
-            ref, _ = run_method(base, ids, True)
+            ref, _ = run_method(original, ids, True)
             dms_logits = None
             for name, (model, disabled) in methods.items():
                 logits, st = run_method(model, ids, disabled)
