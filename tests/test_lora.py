@@ -307,3 +307,20 @@ def test_fidelity_reference_is_what_the_kl_is_taken_against():
     want = float(kl_per_token(_logits(original, ids), student)[0].mean())
     assert vs_original.kl_per_token == pytest.approx(want, rel=1e-5)
     assert vs_original.kl_per_token > same.kl_per_token
+
+
+def test_lora_heads_are_refused_by_a_model_with_quantized_weights(tmp_path):
+    model, _ = _lora_model()
+    dms.save_adapters(model, tmp_path / "heads")
+    calib = [IDS[:1]]
+    kv_only = dms.quantize_fp8(
+        dms.apply_dms(tiny_model(), {"window_size": 4}), calib, weights=False, kv_cache=True
+    )
+    dms.load_adapters(kv_only, tmp_path / "heads")  # weights not quantized: the deltas merge
+    fp8 = dms.quantize_fp8(
+        dms.apply_dms(tiny_model(), {"window_size": 4}), calib, weights=True, kv_cache=True
+    )
+    before = {k: v.clone() for k, v in fp8.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="already quantized"):
+        dms.load_adapters(fp8, tmp_path / "heads")
+    assert all(torch.equal(before[k], v) for k, v in fp8.state_dict().items() if k in before)

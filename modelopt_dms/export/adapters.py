@@ -326,6 +326,19 @@ def _lora_plan(
             f"{type(model).__name__} has LoRA deltas attached (a model in training): merge them first "
             "(modelopt_dms.nn.lora.merge_lora(model)), or load the adapters onto the original base model."
         )
+    modules = dict(model.named_modules())
+
+    def quantized(name: str) -> bool:  # an enabled weight quantizer: calibrated on the unmerged weight
+        q = getattr(modules.get(weight_name(name).removesuffix(".weight")), "weight_quantizer", None)
+        return bool(getattr(q, "is_enabled", False))
+
+    frozen = [n for n in saved if quantized(n)]
+    if frozen:
+        raise ValueError(
+            f"The adapters in {where} carry LoRA deltas, but {weight_name(frozen[0])} is already "
+            "quantized (its calibrated scales would not fit the merged weight): load the adapters "
+            "first, then quantize (modelopt_dms.quantize_fp8)."
+        )
     weights = dict(model.named_parameters())
     plan = []
     for a_name in sorted(n for n in saved if n.endswith(".lora_a")):
