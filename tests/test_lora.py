@@ -324,3 +324,16 @@ def test_lora_heads_are_refused_by_a_model_with_quantized_weights(tmp_path):
     with pytest.raises(ValueError, match="already quantized"):
         dms.load_adapters(fp8, tmp_path / "heads")
     assert all(torch.equal(before[k], v) for k, v in fp8.state_dict().items() if k in before)
+
+
+def test_bf16_model_keeps_fp32_deltas_that_train(tmp_path):
+    model, seqs = build()
+    model.to(torch.bfloat16)
+    cfg = TrainConfig(steps=2, lr=1e-2, lora_rank=2, lora_lr=1e-2, batch_size=2, checkpoint_every=0)
+    train(model, seqs, cfg, str(tmp_path), progress=False)
+    deltas = list(lora_deltas(model).values())
+    assert all(d.lora_a.dtype == torch.float32 and d.lora_b.dtype == torch.float32 for d in deltas)
+    assert all(d.lora_b.abs().max() > 0 for d in deltas)
+    with torch.no_grad():
+        out = model(input_ids=seqs[:1], use_cache=False).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -6,7 +6,8 @@ Each target projection ``W`` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` by 
 :class:`LowRankDelta` that adds ``scale * B (A x)`` to its output through a forward hook, so the
 model's modules, names and state dict keys stay as they were; the deltas live in a ``dms_lora``
 submodule of each DMS attention layer. ``B`` starts at zero, so attaching changes nothing until
-training moves it. The deltas are float32 whatever the base dtype (a master copy).
+training moves it. The deltas are float32 whatever the base dtype (a master copy); the forward casts
+them, not the activations, to the compute dtype.
 
 * :func:`attach_lora` adds them (trainable); :func:`lora_disabled` runs the original weights (the
   distillation teacher) without a second copy of the model;
@@ -52,8 +53,9 @@ class LowRankDelta(nn.Module):
     def __init__(self, linear: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         device = linear.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))
+        f32 = torch.float32
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=device, dtype=f32))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=device, dtype=f32))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.enabled = True
@@ -62,9 +64,9 @@ class LowRankDelta(nn.Module):
     def _add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return output
-        x = args[0]
-        delta = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t()
-        return output + (self.scale * delta).to(output.dtype)
+        x = args[0]  # in the compute dtype: the small factors are cast, not the activations
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        return output + self.scale * ((x @ a.t()) @ b.t()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B A``: what merging adds to the base weight (float32)."""
