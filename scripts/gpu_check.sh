@@ -5,7 +5,7 @@
 # On the GPU machine: scripts/gpu_check.sh [OUTDIR]     # OUTDIR defaults to $OUT, else gpu_check_out/
 #
 # 1. tests/test_cuda.py: the batched cache (fp32/bf16/FP8, both layouts) against the masked reference,
-#    decode steps without host syncs, the trainer with the flex kernel and the fused KL;
+#    decode steps without host syncs, the trainer with the flex kernel and the fused KL, LoRA in bf16;
 # 2. the trainer on CUDA (one process) against the same run on CPU; NCCL data parallel with 2+ GPUs;
 # 3. benchmarks/bench_cache.py: a Llama-3.1-8B-shaped model (bf16) at 8K context, batch 1 and 32,
 #    DMS vs DynamicCache/StaticCache with SDPA;

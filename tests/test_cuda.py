@@ -2,8 +2,8 @@
 
 The batched cache in bf16 and fp32 on the GPU against the fp64 masked reference on CPU, decode
 steps that add no host syncs to what transformers itself does, FP8 storage, and the trainer on
-CUDA (flex-attention kernel with its backward, fused lm_head + KL, bf16 base) against the eager
-CPU path.
+CUDA (flex-attention kernel with its backward, fused lm_head + KL, bf16 base, LoRA deltas) against
+the eager CPU path.
 """
 
 from __future__ import annotations
@@ -190,3 +190,30 @@ def test_bf16_training_on_cuda_keeps_fp32_adapters_and_moves_them(tmp_path):
     after = {n: p for n, p in model.named_parameters() if "dms_adapter" in n}
     assert all(p.dtype == torch.float32 and p.device.type == CUDA.type for p in after.values())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_lora_training_on_cuda_in_bf16_and_the_artifact_loads_merged(tmp_path):
+    from modelopt_dms.nn.lora import lora_deltas, lora_disabled, merge_lora
+
+    model = dms.apply_dms(tiny_model("llama"), {"window_size": 3, "target_compression_ratio": 2.0})
+    original = dms.apply_dms(tiny_model("llama"), {"window_size": 3, "target_compression_ratio": 2.0})
+    model = model.to(CUDA, torch.bfloat16)
+    _train(model, _rows(), tmp_path / "run", autocast_bf16=True, lora_rank=2, lora_lr=1e-2)
+    deltas = lora_deltas(model)
+    assert deltas and all(
+        d.lora_a.dtype == torch.float32 and d.lora_b.device.type == CUDA.type for d in deltas.values()
+    )
+    assert all(d.lora_b.abs().max() > 0 for d in deltas.values())
+    ids = _rows(n=1, t=32).to(CUDA)
+    original = original.to(CUDA, torch.bfloat16)
+    with torch.no_grad(), dms.eviction_disabled(model), lora_disabled(model), dms.eviction_disabled(original):
+        want = original(input_ids=ids).logits  # the teacher: the original model exactly
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+    dms.save_adapters(model, tmp_path / "heads")
+    with torch.no_grad(), dms.eviction_disabled(model):
+        adapted = model(input_ids=ids).logits.float()
+    merge_lora(model)
+    fresh = dms.load_adapters(tiny_model("llama").to(CUDA, torch.bfloat16), tmp_path / "heads")
+    with torch.no_grad(), dms.eviction_disabled(fresh):
+        loaded = fresh(input_ids=ids).logits.float()
+    assert (loaded - adapted).abs().max() <= 0.05 * adapted.abs().max()  # bf16 merge rounding
