@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from ..nn.dtypes import as_dtype
 from ..nn.masks import diagonal_validity
 from .layer import DMSCacheLayer
 
@@ -248,8 +249,7 @@ class DMSCache(Cache):
         real = self._real_tokens(attention_mask, q_len, layer.dms.logical, bsz)  # None: all real
         if layer.dms.book is None and callable(kv_scales):
             kv_scales = kv_scales()
-        if decisions.dtype != torch.bool:
-            decisions = decisions.bool()
+        decisions = as_dtype(decisions, torch.bool)
         out = layer.dms.attend(query, key, value, decisions, real, scaling, kv_scales)
         return out.transpose(1, 2)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.dtypes import as_dtype
+
 __all__ = ["FP8_E4M3_MAX", "BlockedKV", "KVCodec", "PagedKV"]
 
 FP8_E4M3_MAX = 448.0
@@ -36,14 +38,14 @@ class KVCodec:
     def encode(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """Compute dtype -> storage dtype (FP8: scale, clamp to ±448, cast)."""
         if self.scales is None:
-            return x if x.dtype == self.dtype else x.to(self.dtype)
+            return as_dtype(x, self.dtype)
         scaled = x.float() / self.scales[which]
         return scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(self.dtype)
 
     def decode(self, x: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
         """Storage dtype -> ``dtype`` (FP8: cast and multiply by the scale)."""
         if self.scales is None:
-            return x if x.dtype == dtype else x.to(dtype)
+            return as_dtype(x, dtype)
         return x.to(dtype) * self.scales[which]
 
 

@@ -20,7 +20,8 @@ from modelopt.torch.opt.dynamic import DynamicModule, _DMRegistryCls
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..config import DMSConfig
-from .decisions import DMSDecisionAdapter, as_dtype, relaxed_decisions, row_noise
+from .decisions import DMSDecisionAdapter, relaxed_decisions, row_noise
+from .dtypes import as_dtype
 from .flex_training import flex_training_attention
 from .masks import (
     dense_visibility,

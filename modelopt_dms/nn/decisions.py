@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DMSDecisionAdapter", "as_dtype", "logistic_noise", "relaxed_decisions", "row_noise"]
+from .dtypes import as_dtype
+
+__all__ = ["DMSDecisionAdapter", "logistic_noise", "relaxed_decisions", "row_noise"]
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
@@ -80,11 +82,6 @@ class DMSDecisionAdapter(nn.Module):
         h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
         normed = as_dtype(h32 * as_dtype(self.norm_weight, torch.float32), self.proj.weight.dtype)
         return self.proj(normed)
-
-
-def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, without dispatching an op when ``x`` already has it (the decode step)."""
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 def logistic_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
