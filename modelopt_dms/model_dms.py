@@ -21,6 +21,7 @@ from torch import nn
 from .config import DMSConfig
 from .conversion import is_dms_model
 from .nn.attention import ADAPTER_ATTR, DMSAttention
+from .nn.lora import require_merged
 
 __all__ = [
     "apply_dms",
@@ -189,6 +190,7 @@ def quantize_fp8(
 
     if not calib_batches:
         raise ValueError("quantize_fp8 needs at least one calibration batch of token ids")
+    require_merged(model, "quantize_fp8")
 
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():

@@ -337,3 +337,17 @@ def test_bf16_model_keeps_fp32_deltas_that_train(tmp_path):
     with torch.no_grad():
         out = model(input_ids=seqs[:1], use_cache=False).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_export_and_quantize_refuse_attached_deltas(tmp_path):
+    model, _ = _lora_model()
+    with pytest.raises(ValueError, match="merge_lora"):
+        dms.export_hf_checkpoint(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match="merge_lora"):
+        dms.quantize_fp8(model, [IDS[:1]], weights=True, kv_cache=True)
+    assert not (tmp_path / "hf").exists()
+    want = _logits(model)
+    merge_lora(model)
+    dms.export_hf_checkpoint(model, tmp_path / "hf")
+    back, _ = dms.load_exported(tmp_path / "hf")
+    torch.testing.assert_close(_logits(back), want, rtol=1e-5, atol=1e-5)

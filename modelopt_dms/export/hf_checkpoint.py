@@ -27,6 +27,7 @@ from torch import nn
 from ..config import DMS_BLOCK_KEY, DMSConfig
 from ..fileio import atomic_write_json, normalise_permissions, publish_dir, staging_dir
 from ..model_dms import dms_config, dms_modules, fp8_config
+from ..nn.lora import require_merged
 from ..outputs import (
     FolderLock,
     check_free_space,
@@ -94,6 +95,7 @@ def export_hf_checkpoint(
     leaves the previous state, and the next export into the same place removes its leftovers.
     ``overwrite`` replaces only a previous modelopt-dms export (see :func:`check_export_target`).
     """
+    require_merged(model, "export_hf_checkpoint")
     block = dms_config_block(model)
     export_dir = check_export_target(export_dir, overwrite)
     with _lock_for(export_dir):

@@ -39,6 +39,7 @@ __all__ = [
     "lora_deltas",
     "lora_disabled",
     "merge_lora",
+    "require_merged",
     "target_weights",
     "weight_name",
 ]
@@ -134,6 +135,16 @@ def lora_deltas(model: nn.Module) -> dict[str, LowRankDelta]:
 def has_lora(model: nn.Module) -> bool:
     """Whether LoRA deltas are attached (not merged)."""
     return any(isinstance(m, LowRankDelta) for m in model.modules())
+
+
+def require_merged(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model with attached deltas (they live outside its weights)."""
+    if has_lora(model):
+        raise ValueError(
+            f"The model has LoRA deltas attached (from training with train.lora_rank); {action} needs them "
+            "in the weights: call modelopt_dms.nn.lora.merge_lora(model) first (save_adapters before "
+            "that keeps them as a small artifact)."
+        )
 
 
 @contextmanager
