@@ -147,9 +147,11 @@ def _heads_model(base, kind: str, path: str):
     """
     if kind == "exported":
         model, _ = load_exported(path)
-        return model, dms.apply_dms(copy.deepcopy(base), dms.dms_config(model))
-    model = dms.load_adapters(copy.deepcopy(base), path)
-    if "lora" not in check_adapters(path):
+        weights_changed = True
+    else:
+        weights_changed = "lora" in check_adapters(path)
+        model = dms.load_adapters(copy.deepcopy(base), path)
+    if not weights_changed:
         return model, None
     return model, dms.apply_dms(copy.deepcopy(base), dms.dms_config(model))
 

@@ -87,11 +87,7 @@ def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not deltas:
         return {}, None
     weights = dict(model.named_parameters())
-    tensors = {
-        name: p.detach().to("cpu").contiguous().clone()
-        for name, p in model.named_parameters()
-        if _is_lora(name)
-    }
+    tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in weights.items() if _is_lora(n)}
     first = next(iter(deltas.values()))
     targets = sorted({w.rsplit(".", 2)[-2] for w in deltas})
     record = {
@@ -340,10 +336,10 @@ def _lora_plan(
             "first, then quantize (modelopt_dms.quantize_fp8)."
         )
     weights = dict(model.named_parameters())
-    plan = []
+    plan, bases = [], {}
     for a_name in sorted(n for n in saved if n.endswith(".lora_a")):
         b_name = a_name.removesuffix(".lora_a") + ".lora_b"
-        w = weights.get(weight_name(a_name))
+        w = bases[weight_name(a_name)] = weights.get(weight_name(a_name))
         a, b = saved[a_name], saved.get(b_name)
         if w is None or b is None or tuple(w.shape) != (b.shape[0], a.shape[1]) or b.shape[1] != a.shape[0]:
             raise ValueError(
@@ -354,9 +350,7 @@ def _lora_plan(
         plan.append((w, a, b, float(lora["scale"])))
     if len(plan) * 2 != len(saved):
         raise ValueError(f"{where} holds LoRA tensors without their pair (lora_a / lora_b); {_SAVE_HINT}.")
-    bases = [weight_name(n) for n in saved if n.endswith(".lora_a")]
-    digest = base_weights_digest({w: weights[w] for w in bases})
-    if digest != lora["base_weights_sha256"]:
+    if base_weights_digest(bases) != lora["base_weights_sha256"]:
         raise ValueError(
             f"The LoRA deltas in {where} were trained on other base weights than this model's (the digest "
             "of its attention projections differs): another checkpoint, or these adapters were already "
