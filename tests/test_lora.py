@@ -28,6 +28,7 @@ from modelopt_dms.nn.lora import (
 )
 from modelopt_dms.training.config import TrainConfig
 from modelopt_dms.training.selection import select_snapshot, snapshot_path
+from modelopt_dms.training.teacher import teacher_mode
 from modelopt_dms.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,6 +88,26 @@ def test_merge_folds_the_deltas_and_leaves_a_plain_dms_model():
     torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
     # the hooks are gone: a second forward does not add the deltas again
     torch.testing.assert_close(_logits(model), want, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_mode_runs_the_original_model_and_restores_both_switches():
+    model, original = _lora_model()
+    ids = IDS
+    with torch.no_grad(), dms.fixed_eviction(model, 2), dms.fixed_eviction(original, 2):  # evict a lot
+        student = model(input_ids=ids, use_cache=False).logits
+        with teacher_mode(model):
+            teacher = model(input_ids=ids, use_cache=False).logits
+            assert all(m.dms_switches.eviction_disabled for m in dms.dms_modules(model))
+            assert not any(d.enabled for d in lora_deltas(model).values())
+        plain = original(input_ids=ids, use_cache=False).logits
+        with dms.eviction_disabled(original):
+            want = original(input_ids=ids, use_cache=False).logits
+        again = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(teacher, want, rtol=0, atol=0)
+    assert (teacher - plain).abs().max() > 1e-4  # eviction really was off (not only the deltas)
+    assert all(d.enabled for d in lora_deltas(model).values())
+    assert not any(m.dms_switches.eviction_disabled for m in dms.dms_modules(model))
+    torch.testing.assert_close(again, student, rtol=0, atol=0)
 
 
 def test_deep_copies_carry_their_own_deltas():

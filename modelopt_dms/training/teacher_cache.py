@@ -28,9 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..fileio import atomic_save_safetensors
-from ..model_dms import eviction_disabled
-from ..nn.lora import lora_disabled
 from .fused_kl import TopKTeacher
+from .teacher import teacher_mode
 
 __all__ = ["TeacherCache", "teacher_cache_folder"]
 
@@ -67,7 +66,7 @@ class TeacherCache:
     @torch.no_grad()
     def _compute(self, model: nn.Module, batch: dict, missing: list[int]) -> None:
         kw = {k: batch[k][missing] for k in ("position_ids", "attention_mask") if k in batch}
-        with eviction_disabled(model), lora_disabled(model):
+        with teacher_mode(model):
             logits = model(input_ids=batch["input_ids"][missing], use_cache=False, **kw).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         top, idx = logprobs.topk(self.k, dim=-1)

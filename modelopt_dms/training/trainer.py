@@ -1,8 +1,8 @@
 """Distillation trainer for DMS decision heads (docs/design.md §2, "Distillation").
 
-The teacher is the same model under :func:`modelopt_dms.eviction_disabled` (no second copy of the
-weights) while only the DMS adapters train (and, with ``lora_rank``, low-rank deltas of the
-attention projections, off for the teacher: :func:`~modelopt_dms.nn.lora.lora_disabled`); with
+The teacher is the same model under :func:`~modelopt_dms.training.teacher.teacher_mode` (no
+eviction, no LoRA deltas: no second copy of the weights) while only the DMS adapters train (and,
+with ``lora_rank``, low-rank deltas of the attention projections); with
 ``train_all_weights`` it is a frozen copy of the model as passed in (the original weights), so the
 target does not drift with the student.
 Loss = KL(teacher ‖ student) per token + ``compression_weight`` × one-sided compression loss
@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from ..export.adapters import save_adapters
 from ..fileio import TEMP_MARK, atomic_write_json
-from ..model_dms import dms_config, dms_modules, eviction_disabled, eviction_rate, set_step
+from ..model_dms import dms_config, dms_modules, eviction_rate, set_step
 from ..nn.attention import ADAPTER_ATTR
-from ..nn.lora import LORA_ATTR, attach_lora, has_lora, lora_disabled
+from ..nn.lora import LORA_ATTR, attach_lora, has_lora
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import all_reduce_mean, is_sharded, shard_model, unshard_for_saving, world
@@ -35,6 +35,7 @@ from .fused_kl import fused_head_kl, topk_kl
 from .losses import compression_loss, distillation_kl, target_compression_ratio, target_eviction_rate
 from .packing import PackedRows, row_inputs
 from .selection import drop_snapshots_after, snapshot_path
+from .teacher import teacher_mode
 
 __all__ = ["TrainingDivergedError", "train"]
 
@@ -161,7 +162,7 @@ def _losses(
         teacher = teacher_cache.get(model, batch, keep)
     else:
         source = model if teacher_model is None else teacher_model
-        with torch.no_grad(), eviction_disabled(source), lora_disabled(source):
+        with torch.no_grad(), teacher_mode(source):
             t_out = source(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
         teacher = hidden.take()[:, keep] if fused else t_out.logits[:, keep]
     s_out = model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **kw)
