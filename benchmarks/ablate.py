@@ -209,6 +209,15 @@ def _evaluate(run_dir: Path, eval_args: list[str], model: str, kind: str, heads:
     return res
 
 
+def _saved_evaluation(run_dir: Path, eval_args: list[str]) -> dict | None:
+    """The evaluation kept in a run folder for ``eval_args`` (None: none, or made with other arguments)."""
+    out = run_dir / "eval.json"
+    if not out.exists():
+        return None
+    saved = json.loads(out.read_text())
+    return saved if saved.get("eval_args") == eval_args and saved.get("adapters_sha256") else None
+
+
 def _selected(recipe_path: Path, recipe, run_dir: Path) -> tuple[Path, dict]:
     """``(adapters, chosen)``: the snapshot ``modelopt-dms select`` picks for the variant's target.
 
@@ -325,15 +334,18 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"[ablate] {name}: train {token_budget(recipe)} tokens -> {run_dir}")
             run_recipe(str(path), progress=False, log=log)
         kind, heads = _heads_of(run_dir, recipe)
-        if _heads_digest(kind, heads) is None:
-            log(f"[ablate] {name}: not trained yet (left out of the table)")
-            continue
+        eval_args = [str(a) for a in spec.get("eval", [])]
         chosen = None
         variant = spec["variants"][name] or {}
-        if variant.get("select"):
-            heads, chosen = _selected(path, recipe, run_dir)
-        eval_args = [str(a) for a in spec.get("eval", [])]
-        ev = _evaluate(run_dir, eval_args, recipe.model.name_or_path, kind, heads)
+        if _heads_digest(kind, heads) is not None:
+            if variant.get("select"):
+                heads, chosen = _selected(path, recipe, run_dir)
+            ev = _evaluate(run_dir, eval_args, recipe.model.name_or_path, kind, heads)
+        elif kind == "exported" and (ev := _saved_evaluation(run_dir, eval_args)) is not None:
+            log(f"[ablate] {name}: export not here (kept out of git): the committed evaluation is used")
+        else:
+            log(f"[ablate] {name}: not trained yet (left out of the table)")
+            continue
         row = _row(name, recipe_overrides(variant), recipe, run_dir, ev, args.threads)
         if chosen is not None:
             row["selected"] = chosen
