@@ -190,25 +190,6 @@ def _tensors_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _evaluate(run_dir: Path, eval_args: list[str], model: str, kind: str, heads: Path) -> dict:
-    """The heads evaluation of one variant, kept in its run folder and redone when the heads change.
-
-    ``kind``: ``adapters`` (an adapters folder) or ``exported`` (an HF export folder).
-    """
-    out = run_dir / "eval.json"
-    digest = _heads_digest(kind, heads)
-    if out.exists():
-        saved = json.loads(out.read_text())
-        if saved.get("adapters_sha256") == digest and saved.get("eval_args") == eval_args:
-            return saved
-    import eval_heads
-
-    res = eval_heads.main(["--model", model, f"--{kind}", str(heads), *eval_args, "--out", str(out)])
-    res = {**json.loads(json.dumps(res)), "adapters_sha256": digest, "eval_args": eval_args}
-    atomic_write_json(out, res)
-    return res
-
-
 def _saved_evaluation(run_dir: Path, eval_args: list[str]) -> dict | None:
     """The evaluation kept in a run folder for ``eval_args`` (None: none, or made with other arguments)."""
     out = run_dir / "eval.json"
@@ -216,6 +197,24 @@ def _saved_evaluation(run_dir: Path, eval_args: list[str]) -> dict | None:
         return None
     saved = json.loads(out.read_text())
     return saved if saved.get("eval_args") == eval_args and saved.get("adapters_sha256") else None
+
+
+def _evaluate(run_dir: Path, eval_args: list[str], model: str, kind: str, heads: Path, digest: str) -> dict:
+    """The heads evaluation of one variant, kept in its run folder and redone when the heads change.
+
+    ``kind``: ``adapters`` (an adapters folder) or ``exported`` (an HF export folder); ``digest``:
+    :func:`_heads_digest` of ``heads``.
+    """
+    saved = _saved_evaluation(run_dir, eval_args)
+    if saved is not None and saved["adapters_sha256"] == digest:
+        return saved
+    import eval_heads
+
+    out = run_dir / "eval.json"
+    res = eval_heads.main(["--model", model, f"--{kind}", str(heads), *eval_args, "--out", str(out)])
+    res = {**json.loads(json.dumps(res)), "adapters_sha256": digest, "eval_args": eval_args}
+    atomic_write_json(out, res)
+    return res
 
 
 def _selected(recipe_path: Path, recipe, run_dir: Path) -> tuple[Path, dict]:
@@ -337,10 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
         eval_args = [str(a) for a in spec.get("eval", [])]
         chosen = None
         variant = spec["variants"][name] or {}
-        if _heads_digest(kind, heads) is not None:
+        digest = _heads_digest(kind, heads)
+        if digest is not None:
             if variant.get("select"):
                 heads, chosen = _selected(path, recipe, run_dir)
-            ev = _evaluate(run_dir, eval_args, recipe.model.name_or_path, kind, heads)
+                digest = _heads_digest(kind, heads)
+            ev = _evaluate(run_dir, eval_args, recipe.model.name_or_path, kind, heads, digest)
         elif kind == "exported" and (ev := _saved_evaluation(run_dir, eval_args)) is not None:
             log(f"[ablate] {name}: export not here (kept out of git): the committed evaluation is used")
         else:

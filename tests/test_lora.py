@@ -92,17 +92,16 @@ def test_merge_folds_the_deltas_and_leaves_a_plain_dms_model():
 
 def test_teacher_mode_runs_the_original_model_and_restores_both_switches():
     model, original = _lora_model()
-    ids = IDS
     with torch.no_grad(), dms.fixed_eviction(model, 2), dms.fixed_eviction(original, 2):  # evict a lot
-        student = model(input_ids=ids, use_cache=False).logits
+        student = model(input_ids=IDS, use_cache=False).logits
         with teacher_mode(model):
-            teacher = model(input_ids=ids, use_cache=False).logits
+            teacher = model(input_ids=IDS, use_cache=False).logits
             assert all(m.dms_switches.eviction_disabled for m in dms.dms_modules(model))
             assert not any(d.enabled for d in lora_deltas(model).values())
-        plain = original(input_ids=ids, use_cache=False).logits
+        plain = original(input_ids=IDS, use_cache=False).logits
         with dms.eviction_disabled(original):
-            want = original(input_ids=ids, use_cache=False).logits
-        again = model(input_ids=ids, use_cache=False).logits
+            want = original(input_ids=IDS, use_cache=False).logits
+        again = model(input_ids=IDS, use_cache=False).logits
     torch.testing.assert_close(teacher, want, rtol=0, atol=0)
     assert (teacher - plain).abs().max() > 1e-4  # eviction really was off (not only the deltas)
     assert all(d.enabled for d in lora_deltas(model).values())
