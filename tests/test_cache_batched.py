@@ -255,6 +255,53 @@ def test_release_frees_a_finished_row_and_the_others_continue_unchanged(layout):
     assert int(cache_stats(caches[1])["tokens_kept"][:, 0].max()) <= 12  # row 0 starts over
 
 
+@pytest.mark.parametrize("layout", ["blocked", "paged"])
+def test_decode_visibility_follows_every_edit_of_the_book(layout):
+    """Decode steps stored without attention (the ONNX driver), a batch reorder and a release in
+    between attending steps: every attending step equals a fresh layer built from the same tokens
+    by prefill (whose mask is built from the book, never kept)."""
+    from modelopt_dms.cache.layer import DMSCacheLayer
+
+    gen = torch.Generator().manual_seed(21)
+    bsz, heads, group, dim, w, steps = 3, 2, 2, 8, 3, 14
+    q = torch.randn(bsz, heads * group, steps, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(bsz, heads, steps, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(bsz, heads, steps, dim, generator=gen, dtype=torch.float64)
+    d = torch.rand(bsz, heads, steps, generator=gen) < 0.6
+    kept = DMSCacheLayer(w, layout=layout, block_size=4, page_size=4)
+    edits = {3: "store", 5: "reorder", 7: "store", 8: "store", 10: "release"}
+    order, released = torch.arange(bsz), None
+    checked = 0
+    for t in range(steps):
+        rows = order
+        real = torch.ones(bsz, 1, dtype=torch.bool)
+        if released is not None:
+            real[released] = False
+        step = (k[rows, :, t : t + 1], v[rows, :, t : t + 1], d[rows, :, t : t + 1], real)
+        if edits.get(t) == "store":
+            kept.store(*step)
+        else:
+            out = kept.attend(q[rows, :, t : t + 1], *step[:3], real, 0.3)
+            # reference: one prefill of the row's tokens so far, the last query's output
+            for b in range(bsz):
+                if released is not None and b == released:
+                    continue
+                ref = DMSCacheLayer(w, layout=layout, block_size=4, page_size=4)
+                r = rows[b]
+                ref_out = ref.attend(q[r : r + 1, :, : t + 1], k[r : r + 1, :, : t + 1],
+                                     v[r : r + 1, :, : t + 1], d[r : r + 1, :, : t + 1], None, 0.3)
+                torch.testing.assert_close(out[b, :, 0], ref_out[0, :, -1], rtol=0, atol=1e-10)
+                checked += 1
+        if edits.get(t) == "reorder":
+            index = torch.tensor([2, 0, 1])
+            kept.select_rows(index)
+            order = order[index]
+        if edits.get(t) == "release":
+            released = 1
+            kept.release(released)
+    assert checked > 20
+
+
 # ---------------------------------------------------------------------------------- devices and precision
 @pytest.mark.parametrize("layout", ["blocked", "paged"])
 def test_every_tensor_is_created_on_the_models_device(layout):

@@ -51,6 +51,7 @@ class RowBook:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.ring = torch.full((batch, heads, self.big_w), -1, dtype=torch.long, device=device)
         self.max_length_bound = 0  # host-side upper bound of length.max()
+        self.version = 0  # host-side count of edits: views derived from the book (masks) check it
         # ring offsets of t - 1 and of t - W (≡ t mod W), for the decode step
         self.ring_offsets = torch.tensor([-1, 0], dtype=torch.long, device=device)
 
@@ -79,6 +80,7 @@ class RowBook:
         pos[..., :keep] = self.pos[..., :keep]
         flag[..., :keep] = self.flag[..., :keep]
         self.pos, self.flag = pos, flag
+        self.version += 1
 
     def refresh_bound(self) -> int:
         """Exact ``length.max()`` (one host read); done at prefill and when capacity may grow."""
@@ -103,6 +105,7 @@ class RowBook:
         old = self.flag.gather(-1, prev)
         new = torch.where(settle[:, None, None], first_decision[..., None], old)
         self.flag.scatter_(-1, prev, new)
+        self.version += 1
 
     # ------------------------------------------------------------------ decode
     def plan_decode(self, decisions: torch.Tensor, real: torch.Tensor | None) -> DecodePlan:
@@ -146,6 +149,7 @@ class RowBook:
             self.length = self.length + (~reuse & real[:, None])
             self.seen = self.seen + real
         self.max_length_bound += 1
+        self.version += 1
         return DecodePlan(slot=slot, real=real)
 
     # ------------------------------------------------------------------ prefill chunk
@@ -255,6 +259,7 @@ class RowBook:
         self.length = new_length
         self.seen = self.seen + n_real
         self.max_length_bound = longest
+        self.version += 1
         return ChunkPlan(dest=dest)
 
     # ------------------------------------------------------------------ batch edits
@@ -265,6 +270,7 @@ class RowBook:
         self.length = self.length.index_select(0, index)
         self.seen = self.seen.index_select(0, index)
         self.ring = self.ring.index_select(0, index)
+        self.version += 1
 
     def clear_row(self, b: int) -> None:
         """Forget row ``b`` (a finished sequence): no tokens, no slots."""
@@ -273,3 +279,4 @@ class RowBook:
         self.ring[b] = -1
         self.pos[b] = 0
         self.flag[b] = False
+        self.version += 1

@@ -45,13 +45,15 @@ class DMSCacheLayer:
         self.kv: BlockedKV | PagedKV | None = None
         self.logical = 0  # tokens passed in, padding included (what a dense cache would hold)
         self.compute_dtype: torch.dtype | None = None
-        self._visible: torch.Tensor | None = None  # decode visibility; None: rebuild at the next step
+        self._visible: torch.Tensor | None = None  # decode visibility of the book at _visible_version
+        self._visible_version = -1
 
     # ------------------------------------------------------------------ set-up and capacity
     def _init(self, key: torch.Tensor, kv_scales: tuple[float, float] | None) -> None:
         bsz, heads, _, dim = key.shape
         self.compute_dtype = key.dtype
         self._visible = None
+        self._visible_version = -1
         codec = KVCodec(key.dtype, kv_scales)
         self.book = RowBook(bsz, heads, self.window, key.device)
         if self.layout == "paged":
@@ -143,10 +145,11 @@ class DMSCacheLayer:
     def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
         kv = self.kv
         self._ensure_decode()
+        in_step = self._visible is not None and self._visible_version == self.book.version
         plan = self.book.plan_decode(decision, real)
         slot = plan.slot[..., None]  # (B, H, 1)
         kv.write(slot, key, value)
-        mask = self._decode_visibility(slot, real)
+        mask = self._decode_visibility(slot, real, in_step)
         if kv.codec.fp8:
             out = self._attend_stored(query, mask, [], scaling)
         else:
@@ -154,25 +157,27 @@ class DMSCacheLayer:
             out = decode_attention(query, keys, values, mask, scaling)
         return out if real is None else out * real[:, None, None, None].to(out.dtype)
 
-    def _decode_visibility(self, slot: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    def _decode_visibility(
+        self, slot: torch.Tensor, real: torch.Tensor | None, in_step: bool
+    ) -> torch.Tensor:
         """``(B, H, 1, C)`` slots the new token sees, kept across decode steps.
 
         Every stored slot is visible to the new token (flagged ones left when their slot was
         reused); slot 0 keeps the mask of a row without tokens non-empty (its output is zeroed). A
         decode step only adds the slot it wrote (rows without a real token add nothing), so the
-        mask is rebuilt only after a prefill chunk, a batch edit or a capacity change.
+        mask is updated in place when it matched the book just before this step (``in_step``) and
+        rebuilt after any other edit of the book (a prefill chunk, a batch edit, a capacity change,
+        a store without attention): :attr:`RowBook.version` says which.
         """
         book = self.book
-        visible = self._visible
-        if visible is None or visible.shape[-1] != book.capacity:
+        if not in_step:
             slots = self._slot_ids()
-            visible = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
-            self._visible = visible.contiguous()
-            return self._visible
-        # a row without a real token wrote its first free slot, which stays hidden
-        value = True if real is None else real[:, None, None, None].expand(-1, book.heads, 1, 1)
-        visible.scatter_(-1, slot[..., None], value)
-        return visible
+            self._visible = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :].contiguous()
+        else:  # a row without a real token wrote its first free slot, which stays hidden
+            value = True if real is None else real[:, None, None, None].expand(-1, book.heads, 1, 1)
+            self._visible.scatter_(-1, slot[..., None], value)
+        self._visible_version = book.version
+        return self._visible
 
     def _slot_ids(self) -> torch.Tensor:
         """``arange(capacity)`` on the layer's device, kept until the capacity changes."""
@@ -212,7 +217,6 @@ class DMSCacheLayer:
         return out
 
     def _store_chunk(self, key, value, decisions, real, new_flag=None) -> None:
-        self._visible = None
         plan = self.book.plan_chunk(decisions, real, self._ensure_growing, new_flag)
         self.kv.write(plan.dest, key, value)
 
@@ -233,7 +237,6 @@ class DMSCacheLayer:
         m = key.shape[2]
         self.logical += m
         if m == 1:
-            self._visible = None
             self._ensure_decode()
             plan = self.book.plan_decode(decisions[..., 0], None if real is None else real[:, 0])
             self.kv.write(plan.slot[..., None], key, value)
@@ -277,7 +280,6 @@ class DMSCacheLayer:
     def select_rows(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes old row ``index[i]`` (beam search, ``num_return_sequences``)."""
         if self.book is not None:
-            self._visible = None
             self.book.select_rows(index)
             self.kv.select_rows(index)
             self.book.refresh_bound()
@@ -287,7 +289,6 @@ class DMSCacheLayer:
         """Free batch row ``b`` (a finished sequence)."""
         if self.book is None:
             return
-        self._visible = None
         self.book.clear_row(b)
         self.kv.clear_row(b)
         self.book.refresh_bound()
