@@ -29,6 +29,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 __all__ = [
+    "atomic_copy_file",
     "TEMP_MARK",
     "atomic_save_safetensors",
     "atomic_write_json",
@@ -83,6 +84,11 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``path`` atomically (``path`` is the old file or the whole copy)."""
+    return _replace_atomically(Path(path), lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

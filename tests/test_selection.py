@@ -143,6 +143,30 @@ def test_training_writes_snapshots_and_select_saves_the_chosen_one(snapshot_run,
     assert not bad.exists()
 
 
+def test_select_keeps_the_lora_deltas_of_the_chosen_snapshot(tmp_path, monkeypatch):
+    """Scoring merges a LoRA snapshot into the weights; the artifact must still hold the deltas
+    (saving the merged model's adapters would silently drop them)."""
+    import inspect
+    import textwrap
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_tiny_workspace(tmp_path, {"wrap.txt": inspect.getsource(textwrap)})
+    raw = yaml.safe_load(TINY.read_text())
+    raw["train"].update(snapshot_every=2, lora_rank=2)
+    recipe = tmp_path / "tiny_lora.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    out = tmp_path / "chosen"
+    assert main(["select", str(recipe), "--target", "1.0", "--out", str(out), "--context", "64"]) == 0
+    record = json.loads((tmp_path / "run" / "selection_cr1.json").read_text())
+    snap = snapshot_path(tmp_path / "run", record["chosen"]["step"])
+    assert "lora" in json.loads((out / "dms_adapters.json").read_text())
+    chosen, saved = load_file(out / "dms_adapters.safetensors"), load_file(snap / "dms_adapters.safetensors")
+    assert set(chosen) == set(saved) and any("lora" in k for k in chosen)
+    assert all(torch.equal(chosen[k], saved[k]) for k in saved)
+
+
 def test_restarting_a_run_drops_its_old_snapshots(snapshot_run):
     root, recipe = snapshot_run
     raw = yaml.safe_load(recipe.read_text())

@@ -38,13 +38,20 @@ from torch import nn
 from .._version import __version__
 from ..config import DMSConfig
 from ..conversion import DMS_FORMAT_VERSION, is_dms_model
-from ..fileio import atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
+from ..fileio import atomic_copy_file, atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
 from ..model_dms import dms_config, dms_modules
 from ..nn.attention import ADAPTER_ATTR
 from ..nn.lora import LORA_ATTR, base_weights_digest, fold_delta, lora_deltas, weight_name
 from ..outputs import user_path
 
-__all__ = ["ADAPTERS_JSON", "ADAPTERS_SAFETENSORS", "check_adapters", "load_adapters", "save_adapters"]
+__all__ = [
+    "ADAPTERS_JSON",
+    "ADAPTERS_SAFETENSORS",
+    "check_adapters",
+    "copy_adapters",
+    "load_adapters",
+    "save_adapters",
+]
 
 ADAPTERS_SAFETENSORS = "dms_adapters.safetensors"
 ADAPTERS_JSON = "dms_adapters.json"
@@ -166,6 +173,31 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     # The folder holds other files too: replace our two files, JSON last (a kill in between leaves
     # a pair whose SHA-256 does not match, which load_adapters refuses with a message).
     _write_artifact(path, model, config, tensors, header, lora)
+    return path
+
+
+def copy_adapters(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy the adapters artifact ``source`` (a snapshot) to ``path`` byte for byte, LoRA deltas included.
+
+    The same replacement rules as :func:`save_adapters`: a folder holding only an artifact is
+    replaced in one atomic step; a folder holding other files keeps them (JSON written last).
+    """
+    source, path = Path(source), user_path(path)
+    check_adapters(source)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; the adapters artifact is a directory.")
+    names = (ADAPTERS_SAFETENSORS, ADAPTERS_JSON)  # JSON last: it names the tensors' digest
+    if not path.exists() or {p.name for p in path.iterdir()} <= set(names):
+        tmp = staging_dir(path)
+        try:
+            for name in names:
+                atomic_copy_file(source / name, tmp / name)
+            publish_dir(tmp, path)
+            return path
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name in names:
+        atomic_copy_file(source / name, path / name)
     return path
 
 

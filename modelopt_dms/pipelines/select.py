@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..export.adapters import save_adapters
+from ..export.adapters import copy_adapters
 from ..fileio import atomic_write_json
 from ..loading import load_model
 from ..model_dms import apply_dms
@@ -61,7 +61,8 @@ def select_from_recipe(
     ids = selection_rows(recipe, tok, context, rows)
     log(f"[select] {len(snapshots)} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     choice, scores = select_snapshot(model, run_dir, ids, target, recipe.dms.window_size, log)
-    save_adapters(model, out_path)
+    # the scored snapshot itself: its LoRA deltas, merged into ``model`` while scoring, stay deltas
+    copy_adapters(choice.path, out_path)
     record = {
         "recipe": recipe_path,
         "target_compression_ratio": target,
