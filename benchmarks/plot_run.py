@@ -8,7 +8,7 @@ the log in windows of ``--every`` steps and the snapshot scores, and writes JSON
 
     .venv/bin/python benchmarks/plot_run.py training_runs/smollm2_135m_dms_cr4
 
-Writes ``benchmarks/results/runs/<run name>.{json,md,png}``.
+Writes ``benchmarks/results/training_curves/<run name>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a training run folder (the recipe's output.dir)")
     p.add_argument("--every", type=int, default=50, help="steps per table row")
-    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/runs/<run name>.json")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/training_curves/<run name>.json")
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit(f"--every must be >= 1, got {args.every}")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     selections = read_selections(args.run_dir)
     table = render(name, rows, selections)
     print(table)
-    out = args.out or RESULTS / "runs" / f"{name}.json"
+    out = args.out or RESULTS / "training_curves" / f"{name}.json"
     payload = {"command": command_line(), "run": name, "steps": log[-1]["step"], "windows": rows,
                "selections": selections}
     md = f"# Training run {name}\n\nCommand: `{payload['command']}`\n\n{table}\n"
