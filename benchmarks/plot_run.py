@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a training run folder (the recipe's output.dir)")
     p.add_argument("--every", type=int, default=50, help="steps per table row")
-    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/training_curves/<run name>.json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/training_curves/<run name>.json"
+    )
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit(f"--every must be >= 1, got {args.every}")
