@@ -29,8 +29,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 __all__ = [
-    "atomic_copy_file",
     "TEMP_MARK",
+    "atomic_copy_file",
     "atomic_save_safetensors",
     "atomic_write_json",
     "atomic_write_text",

@@ -98,21 +98,26 @@ def test_untrained_adapters_score_cr_1_and_kl_0():
 
 
 # ------------------------------------------------------------------------------ end to end
-@pytest.fixture
-def snapshot_run(tmp_path, monkeypatch):
-    """recipes/tiny_test.yaml with snapshots every 2 steps, trained in a temp workspace."""
+def _train_tiny(tmp_path, monkeypatch, **train):
+    """recipes/tiny_test.yaml with ``train`` overrides, trained in a temp workspace; the recipe path."""
     import inspect
     import textwrap
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_tiny_workspace(tmp_path, {"wrap.txt": inspect.getsource(textwrap)})
     raw = yaml.safe_load(TINY.read_text())
-    raw["train"]["snapshot_every"] = 2
+    raw["train"].update(train)
     recipe = tmp_path / "tiny_test.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(recipe), "--no-progress"]) == 0
-    return tmp_path, recipe
+    return recipe
+
+
+@pytest.fixture
+def snapshot_run(tmp_path, monkeypatch):
+    """recipes/tiny_test.yaml with snapshots every 2 steps, trained in a temp workspace."""
+    return tmp_path, _train_tiny(tmp_path, monkeypatch, snapshot_every=2)
 
 
 def test_training_writes_snapshots_and_select_saves_the_chosen_one(snapshot_run, capsys):
@@ -146,17 +151,7 @@ def test_training_writes_snapshots_and_select_saves_the_chosen_one(snapshot_run,
 def test_select_keeps_the_lora_deltas_of_the_chosen_snapshot(tmp_path, monkeypatch):
     """Scoring merges a LoRA snapshot into the weights; the artifact must still hold the deltas
     (saving the merged model's adapters would silently drop them)."""
-    import inspect
-    import textwrap
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    write_tiny_workspace(tmp_path, {"wrap.txt": inspect.getsource(textwrap)})
-    raw = yaml.safe_load(TINY.read_text())
-    raw["train"].update(snapshot_every=2, lora_rank=2)
-    recipe = tmp_path / "tiny_lora.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    assert main(["run", str(recipe), "--no-progress"]) == 0
+    recipe = _train_tiny(tmp_path, monkeypatch, snapshot_every=2, lora_rank=2)
     out = tmp_path / "chosen"
     assert main(["select", str(recipe), "--target", "1.0", "--out", str(out), "--context", "64"]) == 0
     record = json.loads((tmp_path / "run" / "selection_cr1.json").read_text())

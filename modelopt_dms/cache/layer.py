@@ -46,14 +46,14 @@ class DMSCacheLayer:
         self.logical = 0  # tokens passed in, padding included (what a dense cache would hold)
         self.compute_dtype: torch.dtype | None = None
         self._visible: torch.Tensor | None = None  # decode visibility of the book at _visible_version
-        self._visible_version = -1
+        self._visible_version = -1  # no book version: rebuild at the next decode step
 
     # ------------------------------------------------------------------ set-up and capacity
     def _init(self, key: torch.Tensor, kv_scales: tuple[float, float] | None) -> None:
         bsz, heads, _, dim = key.shape
         self.compute_dtype = key.dtype
         self._visible = None
-        self._visible_version = -1
+        self._visible_version = -1  # no book version: rebuild at the next decode step
         codec = KVCodec(key.dtype, kv_scales)
         self.book = RowBook(bsz, heads, self.window, key.device)
         if self.layout == "paged":
@@ -145,7 +145,7 @@ class DMSCacheLayer:
     def _decode(self, query, key, value, decision, real, scaling) -> torch.Tensor:
         kv = self.kv
         self._ensure_decode()
-        in_step = self._visible is not None and self._visible_version == self.book.version
+        in_step = self._visible_version == self.book.version
         plan = self.book.plan_decode(decision, real)
         slot = plan.slot[..., None]  # (B, H, 1)
         kv.write(slot, key, value)

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,48 +158,48 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     lora_tensors, lora = _lora_record(model)
     tensors.update(lora_tensors)
 
+    header = {"format": "pt", "dms_format_version": str(DMS_FORMAT_VERSION)}
+    return _publish_artifact(
+        path, lambda folder: _write_artifact(folder, model, config, tensors, header, lora)
+    )
+
+
+def _publish_artifact(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Put an artifact at ``path``: ``write(folder)`` writes its two files, JSON last.
+
+    A folder holding only an artifact (or nothing) is replaced in one atomic step: it is the
+    previous artifact or the new one, never a mix. A folder holding other files too keeps them and
+    gets our two files replaced in place, JSON last (a kill in between leaves a pair whose SHA-256
+    does not match, which :func:`load_adapters` refuses with a message).
+    """
     path = user_path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; save_adapters writes a directory.")
-    header = {"format": "pt", "dms_format_version": str(DMS_FORMAT_VERSION)}
-    ours_only = not path.exists() or {p.name for p in path.iterdir()} <= {ADAPTERS_JSON, ADAPTERS_SAFETENSORS}
-    if ours_only:  # one atomic step: the folder is the previous artifact or the new one, never a mix
+        raise ValueError(f"{path} exists and is not a directory; the adapters artifact is a directory.")
+    if not path.exists() or {p.name for p in path.iterdir()} <= {ADAPTERS_JSON, ADAPTERS_SAFETENSORS}:
         tmp = staging_dir(path)
         try:
-            _write_artifact(tmp, model, config, tensors, header, lora)
+            write(tmp)
             publish_dir(tmp, path)
             return path
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    # The folder holds other files too: replace our two files, JSON last (a kill in between leaves
-    # a pair whose SHA-256 does not match, which load_adapters refuses with a message).
-    _write_artifact(path, model, config, tensors, header, lora)
+    write(path)
     return path
 
 
 def copy_adapters(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Copy the adapters artifact ``source`` (a snapshot) to ``path`` byte for byte, LoRA deltas included.
 
-    The same replacement rules as :func:`save_adapters`: a folder holding only an artifact is
-    replaced in one atomic step; a folder holding other files keeps them (JSON written last).
+    The same replacement rules as :func:`save_adapters`.
     """
-    source, path = Path(source), user_path(path)
+    source = Path(source)
     check_adapters(source)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; the adapters artifact is a directory.")
-    names = (ADAPTERS_SAFETENSORS, ADAPTERS_JSON)  # JSON last: it names the tensors' digest
-    if not path.exists() or {p.name for p in path.iterdir()} <= set(names):
-        tmp = staging_dir(path)
-        try:
-            for name in names:
-                atomic_copy_file(source / name, tmp / name)
-            publish_dir(tmp, path)
-            return path
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    for name in names:
-        atomic_copy_file(source / name, path / name)
-    return path
+
+    def write(folder: Path) -> None:
+        for name in (ADAPTERS_SAFETENSORS, ADAPTERS_JSON):  # JSON last: it names the tensors' digest
+            atomic_copy_file(source / name, folder / name)
+
+    return _publish_artifact(path, write)
 
 
 def _write_artifact(
