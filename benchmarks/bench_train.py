@@ -3,9 +3,12 @@
 
 Variants (each step: teacher + student forward, backward, optimizer; batch 1; adapters only):
 
-* ``before``: the previous trainer path: full teacher and student logits, chunked KL, no cache;
-* ``fused``: lm_head + log-softmax + KL fused, chunked and recomputed (logits memory O(chunk x V));
-* ``after``: teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond the window.
+* ``before``: the previous trainer path: eager attention (``T x T`` soft bias and softmax), full
+  teacher and student logits, chunked KL, no cache;
+* ``fused``: lm_head + log-softmax + KL fused and chunked (logits memory O(chunk x V));
+* ``sdpa``: fused + the training attention in fused SDPA blocks (the CPU default);
+* ``after``: sdpa + teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond
+  the window.
 
 Every (variant, sequence length) runs in its own process, so its peak RSS is its own; variants
 alternate per length. Prints a table and writes ``benchmarks/results/train/train_bench.{json,md,png}``.
@@ -29,9 +32,10 @@ from pathlib import Path
 from common import RESULTS, environment, log, write_outputs
 
 VARIANTS = {
-    "before": {"fused_kl": False, "teacher_cache": False, "kl_beyond_window": False},
-    "fused": {"fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
-    "after": {"fused_kl": True, "teacher_cache": True, "kl_beyond_window": True},
+    "before": {"attention": "eager", "fused_kl": False, "teacher_cache": False, "kl_beyond_window": False},
+    "fused": {"attention": "eager", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
+    "sdpa": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
+    "after": {"attention": "sdpa", "fused_kl": True, "teacher_cache": True, "kl_beyond_window": True},
 }
 
 
@@ -61,6 +65,7 @@ def worker(seq: int, variant: str, steps: int, threads: int) -> dict:
             steps=rows.shape[0],
             lr=5e-5,
             checkpoint_every=0,
+            attention=opts["attention"],
             fused_kl=opts["fused_kl"],
             kl_beyond_window=opts["kl_beyond_window"],
             teacher_cache=opts["teacher_cache"],

@@ -142,10 +142,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5), n
 
 
-@pytest.mark.parametrize("chunk", [5, 16, 1000])
-def test_fused_head_kl_equals_the_unfused_loss_and_gradients(chunk):
+@pytest.mark.parametrize(("chunk", "sharpness"), [(5, 1.0), (16, 1.0), (1000, 1.0), (16, 12.0)])
+def test_fused_head_kl_equals_the_unfused_loss_and_gradients(chunk, sharpness):
     gen = torch.Generator().manual_seed(chunk)
-    hs = torch.randn(2, 23, 16, generator=gen, requires_grad=True)
+    hs = (torch.randn(2, 23, 16, generator=gen) * sharpness).requires_grad_()
     ht = torch.randn(2, 23, 16, generator=gen)
     weight = torch.randn(50, 16, generator=gen, requires_grad=True)
     valid = torch.rand(2, 23, generator=gen) > 0.3
@@ -153,7 +153,7 @@ def test_fused_head_kl_equals_the_unfused_loss_and_gradients(chunk):
     g_fused = torch.autograd.grad(fused, [hs, weight])
     ref = distillation_kl(hs @ weight.T, ht @ weight.T, valid)
     g_ref = torch.autograd.grad(ref, [hs, weight])
-    assert abs(fused.item() - ref.item()) <= 1e-5
+    assert abs(fused.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))  # fp32 sums
     for a, b in zip(g_fused, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -306,9 +306,10 @@ def test_teacher_cache_training_follows_the_full_kl_curve(tmp_path):
         )
 
 
-def test_fused_topk_kl_equals_the_unfused_topk_loss_and_gradients():
+@pytest.mark.parametrize("sharpness", [1.0, 12.0])  # 12: student probabilities of teacher tokens underflow
+def test_fused_topk_kl_equals_the_unfused_topk_loss_and_gradients(sharpness):
     gen = torch.Generator().manual_seed(1)
-    hs = torch.randn(2, 19, 16, generator=gen, requires_grad=True)
+    hs = (torch.randn(2, 19, 16, generator=gen) * sharpness).requires_grad_()
     weight = torch.randn(40, 16, generator=gen)
     t_logits = torch.randn(2 * 19, 40, generator=gen) * 3
     lp = torch.log_softmax(t_logits, -1)
@@ -319,5 +320,6 @@ def test_fused_topk_kl_equals_the_unfused_topk_loss_and_gradients():
     (g_fused,) = torch.autograd.grad(fused, [hs])
     ref = topk_kl(hs @ weight.T, teacher, valid)
     (g_ref,) = torch.autograd.grad(ref, [hs])
-    assert abs(fused.item() - ref.item()) <= 1e-5
-    assert torch.allclose(g_fused, g_ref, atol=1e-5, rtol=1e-4)
+    assert abs(fused.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))  # fp32 sums
+    if sharpness == 1.0:  # sharper: rows whose student tail is below the fp32 floor (both clamp it)
+        assert torch.allclose(g_fused, g_ref, atol=1e-5, rtol=1e-4)

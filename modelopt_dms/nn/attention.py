@@ -31,6 +31,7 @@ from .masks import (
     hard_visibility,
     soft_eviction_bias,
 )
+from .sdpa_training import sdpa_training_attention
 
 __all__ = ["ADAPTER_ATTR", "DMSAttention", "DMSAttentionRegistry", "DMSSwitches"]
 
@@ -48,7 +49,7 @@ class DMSSwitches:
     rows: torch.Tensor | None = None  # global ids of the batch rows (training noise); None: 0..B-1
     keep_every: int | None = None  # fixed eviction pattern (model_dms.fixed_eviction)
     record: bool = True  # keep the last decisions for the compression loss
-    training_kernel: str = "eager"  # "eager" (soft bias, T x T) or "flex" (score_mod, CUDA)
+    training_kernel: str = "eager"  # "eager" (T x T bias: the oracle), "sdpa" (fused, CPU), "flex" (CUDA)
     residual: torch.Tensor | None = None  # decoder layer input, handed over by the residual hook
     last_decisions: torch.Tensor | None = None
 
@@ -277,6 +278,10 @@ class DMSAttention(DynamicModule):
         cont = _continuation(mask, valid)
         if self.dms_switches.training_kernel == "flex":
             return flex_training_attention(
+                query, key, value, z, cfg.window_size, self.scaling, mask, valid, cont
+            )
+        if self.dms_switches.training_kernel == "sdpa":
+            return sdpa_training_attention(
                 query, key, value, z, cfg.window_size, self.scaling, mask, valid, cont
             )
         bias = soft_eviction_bias(z, cfg.window_size, valid, cont)

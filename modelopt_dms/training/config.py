@@ -42,7 +42,9 @@ class TrainConfig(Section):
     autocast_bf16: bool = False
     fsdp: bool = False  # shard the model over the torchrun processes (FSDP2); else data parallel
     log_every: int = Field(1, ge=1)
-    attention: Literal["auto", "eager", "flex"] = "auto"  # auto: flex_attention on CUDA, eager on CPU
+    # the soft-bias training attention: auto = flex_attention on CUDA, fused SDPA blocks elsewhere;
+    # eager (T x T bias and softmax) is the oracle both are tested against
+    attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (less activation memory)
     fused_kl: bool = True  # lm_head + log-softmax + KL chunked and recomputed: O(chunk x vocab) memory
     kl_chunk: int = Field(1024, ge=1)  # rows of logits at a time (fused and unfused KL)

@@ -37,32 +37,50 @@ class TopKTeacher:
     tail: torch.Tensor
 
 
-def _kl_and_grad_full(s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KL(t ‖ s) (float32) and d KL / d student logits = softmax(s) - softmax(t)."""
-    log_s = torch.log_softmax(s_logits.float(), dim=-1)
-    log_t = torch.log_softmax(t_logits.float(), dim=-1)
-    p_t = log_t.exp()
-    return (p_t * (log_t - log_s)).sum(-1), log_s.exp() - p_t
+def _softmax_and_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax`` (one pass of exp) and the row log-sum-exp read off it.
+
+    At the row's argmax ``m`` the probability is ``exp(0) / Z``, so ``lse = m - log(q[argmax])``
+    needs no second pass over the vocabulary.
+    """
+    top, where = logits.max(dim=-1, keepdim=True)
+    q = torch.softmax(logits, dim=-1)
+    return q, (top - q.gather(-1, where).log()).squeeze(-1)
+
+
+def _kl_and_grad_full(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(t ‖ s) (float32) and ``w`` times d KL / d student logits = softmax(s) - softmax(t).
+
+    KL = Σ p_t (t - s) - (lse_t - lse_s), so neither log-softmax is materialised.
+    """
+    s_logits, t_logits = s_logits.float(), t_logits.float()
+    q, lse_s = _softmax_and_lse(s_logits)
+    p_t, lse_t = _softmax_and_lse(t_logits)
+    kl = (p_t * (t_logits - s_logits)).sum(-1) - (lse_t - lse_s)
+    return kl, q.sub_(p_t).mul_(w[:, None])
 
 
 def _kl_and_grad_topk(
-    s_logits: torch.Tensor, t: TopKTeacher, rows: slice
+    s_logits: torch.Tensor, t: TopKTeacher, rows: slice, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KL_k(t ‖ s) and its gradient ``q - target``.
+    """Per-row KL_k(t ‖ s) and ``w`` times its gradient ``q - target``.
 
     The target is the teacher's top-k probabilities on its top-k tokens and ``p_tail * q_j / q_tail``
-    on the others (the teacher's tail mass spread like the student's).
+    on the others (the teacher's tail mass spread like the student's), so the gradient is
+    ``q (1 - p_tail / q_tail)`` off the top-k and ``q - p`` on it: formed in place in ``q``.
     """
-    log_s = torch.log_softmax(s_logits.float(), dim=-1)
-    q = log_s.exp()
+    s_logits = s_logits.float()
+    q, lse = _softmax_and_lse(s_logits)
     t_lp, t_idx, t_tail = t.logprobs[rows].float(), t.indices[rows], t.tail[rows].float()
     q_top = q.gather(-1, t_idx)
-    q_tail = (1.0 - q_top.sum(-1)).clamp_min(1e-12)
+    log_q_top = s_logits.gather(-1, t_idx) - lse[:, None]
+    q_tail = (1.0 - q_top.sum(-1)).clamp_min(1e-7)  # the floor topk_kl has: below it fp32 is noise
     p_top, p_tail = t_lp.exp(), t_tail.exp()
-    kl = (p_top * (t_lp - log_s.gather(-1, t_idx))).sum(-1) + p_tail * (t_tail - q_tail.log())
-    target = q * (p_tail / q_tail)[:, None]
-    target.scatter_(-1, t_idx, p_top)
-    return kl, q - target
+    kl = (p_top * (t_lp - log_q_top)).sum(-1) + p_tail * (t_tail - q_tail.log())
+    grad = q.mul_(((1.0 - p_tail / q_tail) * w)[:, None])
+    return kl, grad.scatter_(-1, t_idx, (q_top - p_top) * w[:, None])
 
 
 class _HeadKL(torch.autograd.Function):
@@ -86,13 +104,12 @@ class _HeadKL(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 s_logits = hidden[rows] @ weight.T
-                if isinstance(teacher, TopKTeacher):
-                    kl, g = _kl_and_grad_topk(s_logits, teacher, rows)
-                else:
-                    kl, g = _kl_and_grad_full(s_logits, teacher[rows] @ weight.T)
                 w = weights[rows]
+                if isinstance(teacher, TopKTeacher):
+                    kl, g = _kl_and_grad_topk(s_logits, teacher, rows, w)
+                else:
+                    kl, g = _kl_and_grad_full(s_logits, teacher[rows] @ weight.T, w)
                 total = total + (kl * w).sum()
-                g = g * w[:, None]
                 if grad_hidden is not None:
                     grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_weight is not None:

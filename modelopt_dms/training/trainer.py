@@ -226,7 +226,7 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kernel = config.attention
     if kernel == "auto":
-        kernel = "flex" if device.type == "cuda" else "eager"
+        kernel = "flex" if device.type == "cuda" else "sdpa"
     if kernel == "flex" and device.type != "cuda":
         raise ValueError("train.attention: flex has no backward on CPU; use eager (or auto) there")
     for m in dms_modules(model):
