@@ -30,6 +30,7 @@ from .model_dms import (  # noqa: F401
     fp8_config,
     print_dms_summary,
     quantize_fp8,
+    set_decision_offset,
     set_step,
 )
 
@@ -62,5 +63,6 @@ __all__ = [
     "print_dms_summary",
     "quantize_fp8",
     "save_adapters",
+    "set_decision_offset",
     "set_step",
 ]

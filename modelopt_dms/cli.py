@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--out", required=True, help="adapters folder to write (dms.load_adapters reads it)")
     sel.add_argument("--context", type=int, default=2048, help="tokens per selection row")
     sel.add_argument("--rows", type=int, default=2, help="training-split rows the snapshots are scored on")
+    sel.add_argument(
+        "--calibrate", action="store_true",
+        help="then move the decision threshold (logit_offset) so the CR on those rows is just above target",
+    )
+    sel.add_argument("--margin", type=float, default=0.05, help="calibrate to target x (1 + margin)")
 
     exp = sub.add_parser("export", help="export a DMS model (optionally FP8) as a deployable checkpoint")
     exp.add_argument("--model", default="smollm2-135m", help="name, local HF directory or .gguf file")
@@ -91,7 +96,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "run":
         run_recipe(args.recipe, progress=not args.no_progress, log=_log, restart=args.restart)
     elif args.command == "select":
-        select_from_recipe(args.recipe, args.target, args.out, args.context, args.rows, log=_log)
+        select_from_recipe(
+            args.recipe, args.target, args.out, args.context, args.rows, log=_log,
+            calibrate=args.calibrate, margin=args.margin,
+        )
     elif args.command == "export":
         export_model(
             args.model, args.out, adapters=args.adapters, window=args.window, quantize=args.quantize,

@@ -3,8 +3,8 @@
 Like ``mtq.quantize`` / ``mtq.print_quant_summary`` for quantization: :func:`apply_dms`,
 :func:`dms_config`, :func:`print_dms_summary`, the run-time switches (:func:`eviction_disabled`,
 :func:`fixed_eviction`, :func:`set_step`), the decisions of the last forward
-(:func:`collect_decisions`, :func:`eviction_rate`) and FP8 post-training quantization
-(:func:`quantize_fp8`).
+(:func:`collect_decisions`, :func:`eviction_rate`), the decision threshold
+(:func:`set_decision_offset`) and FP8 post-training quantization (:func:`quantize_fp8`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "is_dms_model",
     "print_dms_summary",
     "quantize_fp8",
+    "set_decision_offset",
     "set_step",
 ]
 
@@ -86,6 +87,33 @@ def print_dms_summary(model: nn.Module) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def set_decision_offset(model: nn.Module, offset: float) -> DMSConfig:
+    """Set the decision threshold of a trained DMS model: its config's ``logit_offset``.
+
+    A key is evicted where ``logit_scale * raw - logit_offset > 0``, so a larger offset evicts fewer
+    tokens (lower compression, closer to the uncompressed model). The new value is part of the
+    config, so every saved form carries it: the ``dms`` mode state (``mto.save`` / restore),
+    :func:`~modelopt_dms.save_adapters`, the HF export and traced ONNX graphs. ``model`` is the
+    top-level model the mode was applied to. Returns the new config.
+    """
+    mods = _require(model)
+    states = (
+        [s for name, s in mto.ModeloptStateManager(model).state_dict() if name == "dms"]
+        if mto.ModeloptStateManager.is_converted(model)
+        else []
+    )
+    if not states:
+        raise ValueError(
+            f"{type(model).__name__} has DMS layers but no 'dms' mode state: pass the top-level model "
+            "that modelopt_dms.apply_dms (or mto.apply_mode) was called on."
+        )
+    config = DMSConfig(**{**mods[0].dms_config.model_dump(), "logit_offset": float(offset)})
+    for m in mods:
+        m.dms_config = config
+    states[-1]["config"] = config.model_dump()
+    return config
 
 
 @contextmanager

@@ -187,17 +187,35 @@ def _publish_artifact(path: str | os.PathLike, write: Callable[[Path], None]) ->
     return path
 
 
-def copy_adapters(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+def copy_adapters(
+    source: str | os.PathLike, path: str | os.PathLike, config: DMSConfig | None = None
+) -> Path:
     """Copy the adapters artifact ``source`` (a snapshot) to ``path`` byte for byte, LoRA deltas included.
 
-    The same replacement rules as :func:`save_adapters`.
+    ``config``: a DMS config to record instead of the source's (e.g. a calibrated ``logit_offset``);
+    it must keep the source's structure (decision kind, granularity, window: what the tensors were
+    trained for). The tensor file is copied unchanged either way. The same replacement rules as
+    :func:`save_adapters`.
     """
     source = Path(source)
-    check_adapters(source)
+    record = check_adapters(source)
+    if config is not None:
+        saved = _normalise_config(record["dms_config"], source)
+        structural = ("decision", "granularity", "window_size")
+        changed = sorted(k for k in structural if saved[k] != getattr(config, k))
+        if changed:
+            raise ValueError(
+                f"copy_adapters: the new config changes {', '.join(changed)} of {source}; the adapters "
+                "were trained for the saved values, so only thresholds and run settings may change."
+            )
+        record = {**record, "dms_config": config.model_dump()}
 
     def write(folder: Path) -> None:
-        for name in (ADAPTERS_SAFETENSORS, ADAPTERS_JSON):  # JSON last: it names the tensors' digest
-            atomic_copy_file(source / name, folder / name)
+        atomic_copy_file(source / ADAPTERS_SAFETENSORS, folder / ADAPTERS_SAFETENSORS)
+        if config is None:  # JSON last: it names the tensors' digest
+            atomic_copy_file(source / ADAPTERS_JSON, folder / ADAPTERS_JSON)
+        else:
+            atomic_write_json(folder / ADAPTERS_JSON, record)
 
     return _publish_artifact(path, write)
 

@@ -11,10 +11,11 @@ import torch
 from ..export.adapters import copy_adapters
 from ..fileio import atomic_write_json
 from ..loading import load_model
-from ..model_dms import apply_dms
+from ..model_dms import apply_dms, dms_config
 from ..outputs import ensure_writable_parent, user_path
+from ..training.calibration import calibrate_decision_offset
 from ..training.recipe import load_train_recipe
-from ..training.selection import list_snapshots, select_snapshot
+from ..training.selection import list_snapshots, select_snapshot, uncompressed_logits
 from .train import data_rows
 
 __all__ = ["selection_rows", "select_from_recipe"]
@@ -38,10 +39,15 @@ def select_from_recipe(
     context: int = 2048,
     rows: int = 2,
     log: Callable[[str], None] = print,
+    calibrate: bool = False,
+    margin: float = 0.05,
 ) -> dict[str, Any]:
     """Score the snapshots of the recipe's run, save the chosen adapters to ``out``; returns the record.
 
-    The record (every snapshot's CR and KL, the choice) is also written to
+    ``calibrate``: then move the chosen heads' decision threshold (``logit_offset``) so that their
+    CR on the same rows is just above ``target x (1 + margin)``
+    (:func:`~modelopt_dms.training.calibration.calibrate_decision_offset`); the artifact records it.
+    The record (every snapshot's CR and KL, the choice, the calibration) is also written to
     ``<output.dir>/selection_cr<target>.json``.
     """
     if not target >= 1.0:
@@ -60,9 +66,14 @@ def select_from_recipe(
     model = apply_dms(model, recipe.dms)
     ids = selection_rows(recipe, tok, context, rows)
     log(f"[select] {len(snapshots)} snapshots of {run_dir} on {rows} x {context} training-split tokens")
-    choice, scores = select_snapshot(model, run_dir, ids, target, recipe.dms.window_size, log)
+    reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
+    window = recipe.dms.window_size
+    choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference)
+    calibration = None
+    if calibrate:  # ``model`` holds the chosen snapshot now
+        calibration = calibrate_decision_offset(model, ids, target, window, reference, margin, log=log)
     # the scored snapshot itself: its LoRA deltas, merged into ``model`` while scoring, stay deltas
-    copy_adapters(choice.path, out_path)
+    copy_adapters(choice.path, out_path, config=dms_config(model) if calibrate else None)
     record = {
         "recipe": recipe_path,
         "target_compression_ratio": target,
@@ -71,8 +82,14 @@ def select_from_recipe(
         "rule": "lowest KL (past the window) among snapshots whose achieved CR >= target",
         "chosen": choice.to_dict(),
         "snapshots": [s.to_dict() for s in scores],
+        "calibration": calibration.to_dict() if calibration else None,
         "adapters": str(out_path),
     }
     atomic_write_json(Path(run_dir) / f"selection_cr{target:g}.json", record)
     log(f"[select] step {choice.step} (CR {choice.compression_ratio:.2f}, KL {choice.kl:.4f}) -> {out_path}")
+    if calibration:
+        log(
+            f"[select] calibrated logit_offset {calibration.offset:+.4f}: "
+            f"CR {calibration.compression_ratio:.2f}, KL {calibration.kl:.4f}"
+        )
     return record

@@ -136,11 +136,13 @@ def select_snapshot(
     target: float,
     window: int,
     log: Callable[[str], None] = print,
+    reference: list[torch.Tensor] | None = None,
 ) -> tuple[SnapshotScore, list[SnapshotScore]]:
     """Score every snapshot of ``run_dir`` on ``rows`` and pick one for ``target`` (see the module doc).
 
     ``model``: the base model with the run's DMS config applied (adapters are loaded into it in
-    turn; it ends holding the chosen snapshot's adapters). Returns ``(choice, all scores)``.
+    turn; it ends holding the chosen snapshot's adapters). ``reference``: the base model's
+    uncompressed logits on ``rows`` (computed here if None). Returns ``(choice, all scores)``.
     """
     snapshots = list_snapshots(run_dir)
     if not snapshots:
@@ -148,7 +150,8 @@ def select_snapshot(
             f"{run_dir} has no adapter snapshots: train with train.snapshot_every > 0 (e.g. 25), then select."
         )
     # the uncompressed reference from the base weights, before any snapshot (LoRA) changes them
-    reference = uncompressed_logits(model, rows)
+    if reference is None:
+        reference = uncompressed_logits(model, rows)
     scores = []
     for step, folder in snapshots:
         # LoRA snapshots merge into the weights: each goes onto a fresh copy of the base
