@@ -45,19 +45,21 @@ def _point(label: str, fidelity: dict, passkey: dict, unc: dict, tokens: int | N
 
 
 def _trained_tokens(adapters: str | None) -> int | None:
-    """Training tokens of committed heads, from the ``summary.json`` next to their adapters."""
-    summary = REPO / adapters / "summary.json" if adapters else None
-    if summary is None or not summary.exists():
-        return None
-    return json.loads(summary.read_text()).get("tokens")
+    """Training tokens of committed heads: ``selection.json`` (``modelopt-dms select``: up to the
+    chosen step) or ``summary.json`` (a whole run) next to their adapters."""
+    for name in ("selection.json", "summary.json"):
+        path = REPO / adapters / name if adapters else None
+        if path is not None and path.exists() and json.loads(path.read_text()).get("tokens"):
+            return json.loads(path.read_text())["tokens"]
+    return None
 
 
 def points_from_heads(path: Path) -> list[dict]:
     """One point per method of an ``eval_heads.py`` result."""
     d = json.loads(path.read_text())
     unc = d.get("passkey_uncompressed", {})
-    return [
-        _point(name, m["fidelity"], m["passkey"], unc, _trained_tokens(m.get("adapters")))
+    return [  # labelled with the result file too: the same folder may hold heads of two evaluations
+        _point(f"{name} [{path.stem}]", m["fidelity"], m["passkey"], unc, _trained_tokens(m.get("adapters")))
         for name, m in d["methods"].items()
     ]
 

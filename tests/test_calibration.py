@@ -125,3 +125,7 @@ def test_select_calibrate_publishes_the_calibrated_threshold(tmp_path, monkeypat
     snap = load_file(snapshot_path(tmp_path / "run", record["chosen"]["step"]) / ADAPTERS_SAFETENSORS)
     assert set(chosen) == set(snap) and all(torch.equal(chosen[k], snap[k]) for k in snap)
     assert "[select] calibrated logit_offset" in capsys.readouterr().out
+    beside = json.loads((out / "selection.json").read_text())  # the record travels with the artifact
+    assert beside["calibration"] == cal and beside["chosen"] == record["chosen"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert beside["tokens"] == summary["tokens"] * record["chosen"]["step"] // summary["steps"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def select_from_recipe(
     ``calibrate``: then move the chosen heads' decision threshold (``logit_offset``) so that their
     CR on the same rows is just above ``target x (1 + margin)``
     (:func:`~modelopt_dms.training.calibration.calibrate_decision_offset`); the artifact records it.
-    The record (every snapshot's CR and KL, the choice, the calibration) is also written to
-    ``<output.dir>/selection_cr<target>.json``.
+    The record (every snapshot's CR and KL, the choice, the calibration, the tokens trained up to
+    the chosen step) is also written to ``<output.dir>/selection_cr<target>.json`` and, next to the
+    adapters, to ``<out>/selection.json``.
     """
     if not target >= 1.0:
         raise ValueError(f"--target is a compression ratio >= 1, got {target}")
@@ -85,7 +87,13 @@ def select_from_recipe(
         "calibration": calibration.to_dict() if calibration else None,
         "adapters": str(out_path),
     }
+    summary = Path(run_dir) / "summary.json"  # the run's tokens, to count those up to the chosen step
+    if summary.is_file():
+        done = json.loads(summary.read_text())
+        if done.get("steps") and done.get("tokens"):
+            record["tokens"] = int(done["tokens"] * choice.step / done["steps"])
     atomic_write_json(Path(run_dir) / f"selection_cr{target:g}.json", record)
+    atomic_write_json(out_path / "selection.json", record)  # travels with the artifact
     log(f"[select] step {choice.step} (CR {choice.compression_ratio:.2f}, KL {choice.kl:.4f}) -> {out_path}")
     if calibration:
         log(
