@@ -49,6 +49,19 @@ def _heldout_windows(tok, sources: list[str], contexts: list[int], texts: int) -
     return out
 
 
+def _training_tokens(path: str) -> int | None:
+    """Tokens the heads were trained on, recorded now (an artifact folder may later hold other heads):
+    from ``selection.json`` (``modelopt-dms select``) or ``summary.json`` next to them."""
+    for name in ("selection.json", "summary.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f, encoding="utf-8") as fh:
+                tokens = json.load(fh).get("tokens")
+            if tokens:
+                return int(tokens)
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     installed = [name for name in SOURCES if source_files(name)]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         model, reference = _heads_model(base, kind, path)
         window = dms.dms_config(model).window_size
         name = os.path.basename(os.path.normpath(path))
-        entry = {kind: path, "window_size": window, "fidelity": {}, "passkey": {}}
+        entry = {kind: path, "window_size": window, "training_tokens": _training_tokens(path), "fidelity": {}}
+        entry["passkey"] = {}
         for src, by_ctx in held.items():
             for c, windows in by_ctx.items():
                 rows = []

@@ -10,7 +10,8 @@ targets are drawn as boxes. A second row plots the same metrics against training
 
     .venv/bin/python benchmarks/pareto.py \\
         --heads benchmarks/results/heads/heads_clean_split.json \\
-        --ablation benchmarks/results/ablation/ablation_cr4_cpu.json
+        --ablation benchmarks/results/ablation/ablation_cr4_cpu.json \\
+        --tokens "smollm2_135m_dms_cr4 [heads_clean_split]=307200"
 
 Writes ``benchmarks/results/pareto/pareto.{json,md,png}``.
 """
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from common import REPO, RESULTS, command_line, write_outputs
+from common import RESULTS, command_line, write_outputs
 
 # the issue's targets: (CR at least, KL at most, token match at least, pass-key gap at most)
 TARGETS = {"CR 4": (4.0, 0.04, 0.95, 0.05), "CR 8": (8.0, 0.10, 0.90, 0.10)}
@@ -44,24 +45,18 @@ def _point(label: str, fidelity: dict, passkey: dict, unc: dict, tokens: int | N
     }
 
 
-def _trained_tokens(adapters: str | None) -> int | None:
-    """Training tokens of committed heads: ``selection.json`` (``modelopt-dms select``: up to the
-    chosen step) or ``summary.json`` (a whole run) next to their adapters."""
-    for name in ("selection.json", "summary.json"):
-        path = REPO / adapters / name if adapters else None
-        if path is not None and path.exists() and json.loads(path.read_text()).get("tokens"):
-            return json.loads(path.read_text())["tokens"]
-    return None
-
-
-def points_from_heads(path: Path) -> list[dict]:
-    """One point per method of an ``eval_heads.py`` result."""
+def points_from_heads(path: Path, tokens: dict[str, int] | None = None) -> list[dict]:
+    """One point per method of an ``eval_heads.py`` result, labelled ``name [file stem]`` (one
+    folder may hold different heads at two evaluations). Training tokens: those the result recorded
+    (``training_tokens``), else ``tokens[label]`` (``--tokens``), else unknown."""
     d = json.loads(path.read_text())
     unc = d.get("passkey_uncompressed", {})
-    return [  # labelled with the result file too: the same folder may hold heads of two evaluations
-        _point(f"{name} [{path.stem}]", m["fidelity"], m["passkey"], unc, _trained_tokens(m.get("adapters")))
-        for name, m in d["methods"].items()
-    ]
+    points = []
+    for name, m in d["methods"].items():
+        label = f"{name} [{path.stem}]"
+        known = m.get("training_tokens") or (tokens or {}).get(label)
+        points.append(_point(label, m["fidelity"], m["passkey"], unc, known))
+    return points
 
 
 def points_from_ablation(path: Path) -> list[dict]:
@@ -152,9 +147,19 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=Path, nargs="*", default=[])
     p.add_argument("--ablation", type=Path, nargs="*", default=[])
+    p.add_argument(
+        "--tokens", nargs="*", default=[],
+        help="training tokens of heads whose result did not record them: 'NAME [FILE_STEM]=N'",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "pareto" / "pareto.json")
     args = p.parse_args(argv)
-    points = [pt for f in args.heads for pt in points_from_heads(f)]
+    tokens = {}
+    for item in args.tokens:
+        label, _, n = item.rpartition("=")
+        if not label or not n.isdigit():
+            p.error(f"--tokens takes 'NAME [FILE_STEM]=N', got {item!r}")
+        tokens[label] = int(n)
+    points = [pt for f in args.heads for pt in points_from_heads(f, tokens)]
     points += [pt for f in args.ablation for pt in points_from_ablation(f)]
     if not points:
         raise SystemExit("nothing to plot: give --heads and/or --ablation result files")
