@@ -12,9 +12,8 @@ forward runs (uncompiled) but its backward does not, so training there uses the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .masks import shift_to_next_real
+from .masks import log_keep_probability
 
 __all__ = ["flex_training_attention"]
 
@@ -47,7 +46,7 @@ def flex_training_attention(
     flex_attention, create_block_mask = _flex()
     bsz, hq, t, _ = query.shape
     group = hq // key.shape[1]
-    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid, cont))  # (B, Hkv, T); pending: 0
+    log_keep = log_keep_probability(z, valid, cont)  # (B, Hkv, T); pending: 0
     real_pos = (
         valid.long().cumsum(-1) - 1 if valid is not None else torch.arange(t, device=z.device).expand(bsz, t)
     )

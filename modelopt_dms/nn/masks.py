@@ -17,6 +17,7 @@ __all__ = [
     "diagonal_validity",
     "shift_to_next_real",
     "hard_visibility",
+    "log_keep_probability",
     "soft_eviction_bias",
     "grouped_attention",
 ]
@@ -120,6 +121,16 @@ def hard_visibility(
     return (diff[:, None] >= 0) & ~(flagged & (diff[:, None] > window_size))
 
 
+def log_keep_probability(
+    z: torch.Tensor, valid: torch.Tensor | None = None, cont: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``log(1 - sigmoid(z_{next(k)}))`` per key ``(B, H, T)``: its soft bias beyond the window.
+
+    0 for the pending newest key and at document ends. Shared by every training kernel.
+    """
+    return F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid, cont))
+
+
 def soft_eviction_bias(
     z: torch.Tensor, window_size: int, valid: torch.Tensor | None = None, cont: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -133,7 +144,7 @@ def soft_eviction_bias(
     num = z.shape[-1]
     diff, _ = _row_offsets(num, torch.arange(num, device=z.device), valid, z.device)
     diff = diff[:, None]  # (B|1, 1, T, T)
-    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid, cont))[..., None, :]  # pending: 0
+    log_keep = log_keep_probability(z, valid, cont)[..., None, :]
     bias = torch.where(diff > window_size, log_keep, torch.zeros_like(log_keep))
     return bias.masked_fill(diff < 0, float("-inf"))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masks import _row_offsets, shift_to_next_real
+from .masks import _row_offsets, log_keep_probability
 
 __all__ = ["sdpa_training_attention"]
 
@@ -48,7 +48,7 @@ def sdpa_training_attention(
     Queries that see no key (padding) return zeros, as in the eager kernel.
     """
     bsz, num_q, t, dim = query.shape
-    log_keep = F.logsigmoid(-shift_to_next_real(z, float("-inf"), valid, cont))  # (B, Hkv, T); pending: 0
+    log_keep = log_keep_probability(z, valid, cont)  # (B, Hkv, T); pending: 0
     channel = (log_keep / scaling).to(key.dtype)[..., None]
     q_x = torch.cat([query, query.new_ones(bsz, num_q, t, 1)], dim=-1)
     far_k = torch.cat([key, channel], dim=-1)
