@@ -106,8 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
         model, reference = _heads_model(base, kind, path)
         window = dms.dms_config(model).window_size
         name = os.path.basename(os.path.normpath(path))
-        entry = {kind: path, "window_size": window, "training_tokens": _training_tokens(path), "fidelity": {}}
-        entry["passkey"] = {}
+        entry = {
+            kind: path,
+            "window_size": window,
+            "training_tokens": _training_tokens(path),
+            "fidelity": {},
+            "passkey": {},
+        }
         for src, by_ctx in held.items():
             for c, windows in by_ctx.items():
                 rows = []

@@ -89,6 +89,17 @@ def print_dms_summary(model: nn.Module) -> str:
     return text
 
 
+def dms_mode_state(model: nn.Module) -> dict[str, Any] | None:
+    """The live ``dms`` entry (``{"config": ..., "metadata": ...}``) of the model's modelopt state.
+
+    None when ``model`` is not the top-level model the mode was applied to (or has no DMS).
+    """
+    if not mto.ModeloptStateManager.is_converted(model):
+        return None
+    states = [s for name, s in mto.ModeloptStateManager(model).state_dict() if name == "dms"]
+    return states[-1] if states else None
+
+
 def set_decision_offset(model: nn.Module, offset: float) -> DMSConfig:
     """Set the decision threshold of a trained DMS model: its config's ``logit_offset``.
 
@@ -99,12 +110,8 @@ def set_decision_offset(model: nn.Module, offset: float) -> DMSConfig:
     top-level model the mode was applied to. Returns the new config.
     """
     mods = _require(model)
-    states = (
-        [s for name, s in mto.ModeloptStateManager(model).state_dict() if name == "dms"]
-        if mto.ModeloptStateManager.is_converted(model)
-        else []
-    )
-    if not states:
+    state = dms_mode_state(model)
+    if state is None:
         raise ValueError(
             f"{type(model).__name__} has DMS layers but no 'dms' mode state: pass the top-level model "
             "that modelopt_dms.apply_dms (or mto.apply_mode) was called on."
@@ -112,7 +119,7 @@ def set_decision_offset(model: nn.Module, offset: float) -> DMSConfig:
     config = DMSConfig(**{**mods[0].dms_config.model_dump(), "logit_offset": float(offset)})
     for m in mods:
         m.dms_config = config
-    states[-1]["config"] = config.model_dump()
+    state["config"] = config.model_dump()
     return config
 
 

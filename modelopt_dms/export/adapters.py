@@ -40,7 +40,7 @@ from .._version import __version__
 from ..config import DMSConfig
 from ..conversion import DMS_FORMAT_VERSION, is_dms_model
 from ..fileio import atomic_copy_file, atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
-from ..model_dms import dms_config, dms_modules
+from ..model_dms import dms_config, dms_mode_state, dms_modules
 from ..nn.attention import ADAPTER_ATTR
 from ..nn.lora import LORA_ATTR, base_weights_digest, fold_delta, lora_deltas, weight_name
 from ..outputs import user_path
@@ -60,19 +60,9 @@ _SAVE_HINT = "re-create it with modelopt_dms.save_adapters(model, path)"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _dms_state(model: nn.Module) -> dict[str, Any] | None:
-    """The ``dms`` entry (``{"config": ..., "metadata": ...}``) of the model's modelopt state, or None."""
-    if not mto.ModeloptStateManager.is_converted(model):
-        return None
-    for name, state in mto.modelopt_state(model)["modelopt_state_dict"]:
-        if name == "dms":
-            return state
-    return None
-
-
 def _current_config(model: nn.Module) -> dict[str, Any]:
     """The DMS config dict of the top-level DMS model (the one the mode was applied to)."""
-    if _dms_state(model) is None:
+    if dms_mode_state(model) is None:
         raise ValueError(
             f"{type(model).__name__} has DMS attention layers but no 'dms' mode in its modelopt state: "
             "pass the model that mto.apply_mode / modelopt_dms.apply_dms was called on (the top-level "
