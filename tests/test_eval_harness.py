@@ -390,9 +390,9 @@ def test_committed_eval_recipe_validates():
     r = load_recipe("recipes/eval_smollm2_135m.yaml")
     assert r.eval is not None and set(r.eval.adapters) == {"cr4", "cr8"}
     assert load_recipe("recipes/eval_smollm2_135m_short.yaml").eval.rounds >= 6
+    assert len(r.eval.presses) == 7 and max(r.eval.needle_contexts) == 8192
     multi_turn = load_recipe("recipes/eval_smollm2_135m_multi_turn.yaml").eval
     assert multi_turn.rounds >= 24 and task_cells(multi_turn) == [("multi_turn", 1024)]
-    assert len(r.eval.presses) == 7 and max(r.eval.needle_contexts) == 8192
 
 
 def test_dms_press_needs_patched_attention_and_cleans_up(base, tok, stream):
