@@ -409,10 +409,8 @@ def test_dms_press_needs_patched_attention_and_cleans_up(base, tok, stream):
     assert mean_kl(dense.scored_logits, press.scored_logits) > 1e-6
 
 
-def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys):
-    """`modelopt-dms eval` on a local tiny model: every file it promises, README block updated."""
-    from modelopt_dms.cli import main
-
+def _tiny_eval_workspace(tmp_path, monkeypatch, tok) -> None:
+    """A local tiny model, its text, trained-looking adapters and ``eval.yaml`` in ``tmp_path`` (cwd)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text").mkdir()
@@ -446,6 +444,13 @@ def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys)
         "  heldout_fraction: 0.25\n"
         "  out_dir: out\n"
     )
+
+
+def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys):
+    """`modelopt-dms eval` on a local tiny model: every file it promises, README block updated."""
+    from modelopt_dms.cli import main
+
+    _tiny_eval_workspace(tmp_path, monkeypatch, tok)
     assert main(["eval", "eval.yaml", "--no-progress", "--rounds", "1", "--readme", "README.md"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["rounds_completed"] == 1
@@ -477,6 +482,72 @@ def test_cli_eval_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys)
     assert main(["eval", "noeval.yaml"]) == 2
     assert main(["eval", "eval.yaml", "--time-budget-min", "-1"]) == 2
     assert "no eval section" in capsys.readouterr().err
+
+
+def test_cli_eval_resumes_after_the_last_finished_round(tmp_path, monkeypatch, tok, capsys):
+    """A comparison killed in round 2 continues there: the records equal an uninterrupted run's,
+    round 1 is not recomputed, and other heads (changed adapter bytes) start from round 1."""
+    from modelopt_dms.cli import main
+    from modelopt_dms.evaluation import harness
+
+    _tiny_eval_workspace(tmp_path, monkeypatch, tok)
+    (tmp_path / "eval.yaml").write_text(  # two tasks, one press: enough to see what is resumed
+        "model: {name_or_path: ./tiny}\n"
+        "eval: {adapters: {cr4: adapters}, presses: [streaming_llm], budgets: {cr4: 4.0},\n"
+        "  fidelity_contexts: [200], continuation_tokens: 16, needle_contexts: [200],\n"
+        "  multi_needle_contexts: [], multi_turn_contexts: [], rounds: 2, press_window: 16,\n"
+        "  text_glob: text/*.txt, heldout_fraction: 0.25, out_dir: out}\n"
+    )
+    args = ["eval", "eval.yaml", "--no-progress", "--rounds", "2"]
+    assert main([*args, "--out", "whole"]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert not (tmp_path / "whole" / harness.PARTIAL_NAME).exists()  # finished: no partial left
+
+    make_sample, seen = harness._make_sample, []
+
+    def dies_in_round_2(cell, rnd, *a, **kw):
+        seen.append(rnd)
+        if rnd == 1:
+            raise RuntimeError("killed")  # what a kill mid-round leaves: round 1's records only
+        return make_sample(cell, rnd, *a, **kw)
+
+    monkeypatch.setattr(harness, "_make_sample", dies_in_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--out", "cut"])
+    partial = json.loads((tmp_path / "cut" / harness.PARTIAL_NAME).read_text())
+    assert partial["rounds_completed"] == 1 and not (tmp_path / "cut" / "results.json").exists()
+
+    def counted(cell, rnd, *a, **kw):
+        seen.append(rnd)
+        return make_sample(cell, rnd, *a, **kw)
+
+    monkeypatch.setattr(harness, "_make_sample", counted)
+    seen.clear()
+    assert main([*args, "--out", "cut"]) == 0
+    assert set(seen) == {1}, "round 1 was run again"
+    assert "resuming after round 1 of 2" in capsys.readouterr().out
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert resumed["meta"]["resumed_after_round"] == 1 and resumed["meta"]["key"] == whole["meta"]["key"]
+    drop = ("seconds",)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in drop} for r in recs]  # noqa: E731
+    assert strip(resumed["records"]) == strip(whole["records"])
+    assert not (tmp_path / "cut" / harness.PARTIAL_NAME).exists()
+
+    # other heads: the partial run of the first ones is not reused
+    monkeypatch.setattr(harness, "_make_sample", dies_in_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--out", "other"])
+    model = dms.load_adapters(tiny_model("llama", attn="sdpa", seed=2), tmp_path / "adapters")
+    with torch.no_grad():
+        dms.dms_modules(model)[0].dms_adapter.proj.weight.mul_(2.0)
+    dms.save_adapters(model, tmp_path / "adapters")
+    seen.clear()
+    monkeypatch.setattr(harness, "_make_sample", make_sample)
+    assert main([*args, "--out", "other"]) == 0
+    out = capsys.readouterr().out
+    assert "from another comparison" in out and "resuming" not in out
+    other = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert other["meta"]["resumed_after_round"] == 0 and other["meta"]["key"] != whole["meta"]["key"]
 
 
 def test_wilson_interval_matches_the_textbook_values():

@@ -2,12 +2,17 @@
 
 Work is done in *rounds*: round ``r`` evaluates sample ``r`` of every task cell with every method,
 so every method always sees the same samples, and a runtime budget simply stops after the last
-round that fits (the first round always runs).
+round that fits (the first round always runs). Samples depend only on the round index, so a run is
+resumable: after every round the records so far go to ``results.partial.json`` in the output folder,
+and a later run of the same comparison (same model, settings and adapter tensors) continues after
+the last finished round instead of starting again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import platform
 import random
@@ -29,7 +34,19 @@ from .methods import DenseMethod, DMSMethod, PressMethod
 from .metrics import mean_kl, needle_recall, perplexity, top1_agreement
 from .tasks import EvalSample, make_fidelity_sample, make_multi_turn_sample, make_needle_sample
 
-__all__ = ["build_methods", "evaluate_sample", "run_comparison", "save_results", "task_cells"]
+__all__ = [
+    "PARTIAL_NAME",
+    "build_methods",
+    "comparison_key",
+    "evaluate_sample",
+    "run_comparison",
+    "save_results",
+    "task_cells",
+]
+
+PARTIAL_NAME = "results.partial.json"
+# Settings that change how many rounds run or where they go, not what one round computes.
+_NOT_IN_KEY = ("rounds", "time_budget_min", "out_dir", "threads")
 
 
 def build_methods(base, tokenizer, cfg: EvalConfig, calib: list[torch.Tensor] | None = None) -> list:
@@ -177,12 +194,19 @@ def run_comparison(
     cells = task_cells(cfg)
     log(f"[eval] {len(methods)} methods x {len(cells)} task cells x up to {cfg.rounds} rounds")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    records: list[dict] = []
-    bar = tqdm(total=cfg.rounds * len(cells) * len(methods), disable=not progress, unit="run")
-    rounds_done, round_s = 0, 0.0
-    for rnd in range(cfg.rounds):
+    key = comparison_key(cfg, model_name)
+    partial_path = os.path.join(cfg.out_dir, PARTIAL_NAME)
+    records, first = _resume(partial_path, key, cfg.rounds, log)
+    bar = tqdm(
+        total=cfg.rounds * len(cells) * len(methods),
+        initial=first * len(cells) * len(methods),
+        disable=not progress,
+        unit="run",
+    )
+    rounds_done, round_s = first, 0.0
+    for rnd in range(first, cfg.rounds):
         elapsed = time.time() - t_start
-        if rnd > 0 and budget_s is not None and elapsed + round_s > budget_s:
+        if rnd > first and budget_s is not None and elapsed + round_s > budget_s:
             log(
                 f"[eval] stopping after {rnd} round(s): the next would pass the "
                 f"{cfg.time_budget_min} min budget"
@@ -192,15 +216,21 @@ def run_comparison(
         for cell in cells:
             sample = _make_sample(cell, rnd, tok, stream, windows, cfg)
             bar.set_description(f"round {rnd + 1} {sample.key}")
-            records += evaluate_sample(sample, methods, tok, on_method=lambda _n: bar.update(1))
+            for rec in evaluate_sample(sample, methods, tok, on_method=lambda _n: bar.update(1)):
+                records.append({**rec, "round": rnd})
         round_s = time.time() - t_round
         rounds_done = rnd + 1
+        atomic_write_json(
+            partial_path, {"key": key, "rounds_completed": rounds_done, "records": records}, indent=None
+        )
     bar.close()
     meta = {
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "model": model_name,
         "config": cfg.model_dump(),
         "rounds_completed": rounds_done,
+        "resumed_after_round": first,
+        "key": key,
         "seconds": round(time.time() - t_start, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -212,7 +242,71 @@ def run_comparison(
 
 
 def save_results(results: dict, out_dir: str) -> str:
-    """Write ``results.json`` atomically into ``out_dir``; returns its path."""
+    """Write ``results.json`` atomically into ``out_dir``; returns its path.
+
+    The round-by-round ``results.partial.json`` of the same comparison is removed once every
+    requested round is in ``results.json``; a run stopped by its time budget keeps it, so the next
+    run continues.
+    """
     path = os.path.join(out_dir, "results.json")
     atomic_write_json(path, results, indent=1)
+    meta = results.get("meta", {})
+    partial = os.path.join(out_dir, PARTIAL_NAME)
+    done = meta.get("rounds_completed", 0) >= meta.get("config", {}).get("rounds", 0)
+    if done and os.path.isfile(partial) and _partial_key(partial) == meta.get("key"):
+        os.remove(partial)
     return path
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def comparison_key(cfg: EvalConfig, model_name: str) -> str:
+    """A digest of what one round computes (equal keys: records that a later run may reuse).
+
+    The model, every setting but the round count, time budget, output folder and threads, and the
+    bytes of every adapter file.
+    """
+    settings = {k: v for k, v in cfg.model_dump().items() if k not in _NOT_IN_KEY}
+    heads = {}
+    for label, folder in sorted(cfg.adapters.items()):
+        heads[label] = {
+            name: _file_digest(os.path.join(folder, name))
+            for name in sorted(os.listdir(folder))
+            if name.startswith("dms_adapters.")
+        }
+    blob = json.dumps({"model": model_name, "settings": settings, "adapters": heads}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _partial_key(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resume(path: str, key: str, rounds: int, log: Callable[[str], None]) -> tuple[list[dict], int]:
+    """Records and the first round still to run from ``path``, if it holds this comparison."""
+    if not os.path.isfile(path):
+        return [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        stored_key, done, records = state["key"], int(state["rounds_completed"]), list(state["records"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"[eval] {path} is not a readable partial run: starting from round 1 (it will be replaced)")
+        return [], 0
+    if stored_key != key:
+        log(f"[eval] {path} is from another comparison (settings or heads differ): starting from round 1")
+        return [], 0
+    done = min(done, rounds)
+    records = [r for r in records if r.get("round", 0) < done]
+    log(f"[eval] resuming after round {done} of {rounds} ({len(records)} records from {path})")
+    return records, done
