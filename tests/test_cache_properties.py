@@ -299,6 +299,9 @@ def check_memory(cache, oracle, sc: Scenario, refs, logical: int, elem: int) -> 
             alloc += sc.batch * sc.kv_heads * cap * 2 * sc.head_dim * elem
         else:
             alloc += layer.kv.pool_k.shape[0] * granule * 2 * sc.head_dim * elem
+            # the pool holds the rows' pages, at most one free page per (row, head), and page 0
+            held, pool = int(layer.kv.npages.sum()), layer.kv.pool_pages
+            assert held <= pool <= held + sc.batch * sc.kv_heads, (li, pool, held)
         seen_exp.append(seen_l)
         kept_exp.append(kept_l)
     stats = cache_stats(cache)

@@ -95,11 +95,16 @@ class DMSCacheLayer:
         self._ensure(max(slots, cap + cap // 2) if slots > cap else slots, lengths)
 
     def _fit(self) -> None:
-        """After a prefill: shrink to the longest row (+ the scratch slot) in whole blocks/pages."""
+        """After a prefill: shrink to the longest row (+ the scratch slot) in whole blocks/pages.
+
+        The paged pool then keeps only the pages rows hold (its growth by halves is given back).
+        """
         needed = self.book.max_length_bound + 1
         target = -(-needed // self.granule) * self.granule
         if target < self.book.capacity or self.layout == "paged":
             self._set_capacity(needed, self.book.length)
+        if self.layout == "paged":
+            self.kv.trim()
 
     # ------------------------------------------------------------------ attention
     def attend(

@@ -175,6 +175,30 @@ class PagedKV:
         self.free_top = torch.tensor(top + extra, device=free.device)
         self.free_bound = top + extra
 
+    def trim(self) -> None:
+        """Give the free pages back: live pages move to the front of a pool of just their size.
+
+        Called after a multi-token call (prefill, a new turn, a batch edit), whose growth by halves
+        would otherwise stay allocated. One host read (the live page count) and one gather of the
+        live pages; never in a decode step.
+        """
+        cols = torch.arange(self.table.shape[-1], device=self.table.device)
+        live = cols < self.npages[..., None]  # (B, H, T)
+        old_ids = self.table[live]  # row-major order of (row, head, page column)
+        n = int(old_ids.numel())
+        if n == self.pool_pages:
+            return
+        keep = torch.cat([old_ids.new_zeros(1), old_ids])  # the trash page stays page 0
+        self.pool_k = _bits(self.pool_k).index_select(0, keep).view(self.pool_k.dtype)
+        self.pool_v = _bits(self.pool_v).index_select(0, keep).view(self.pool_v.dtype)
+        table = torch.zeros_like(self.table)
+        table[live] = torch.arange(1, n + 1, device=table.device)
+        self.table = table
+        self.free = torch.zeros(n + 1, dtype=torch.long, device=self.free.device)
+        self.free_top = torch.zeros((), dtype=torch.long, device=self.free.device)
+        self.free_bound = 0
+        self.decode_steps_left = 0
+
     def _reserve(self, pages: int) -> None:
         """At least ``pages`` free pages (a host read only if the lower bound is too low)."""
         if self.free_bound >= pages:
@@ -255,14 +279,15 @@ class PagedKV:
         """Before a decode step: rows whose next append opens a new page get one.
 
         The host reads the free-page count back only when the budget of steps it surely covers is
-        spent (about once per ``page_size`` steps); the pool then grows to cover at least one more
-        page per (row, head).
+        spent (about once per ``page_size`` steps); the pool then grows to one free page per (row,
+        head), so free pages never exceed that (a copy of the pool every ``page_size`` steps at
+        most, against attention reading every live page every step).
         """
         if self.decode_steps_left <= 0:
             rows = self.batch * self.heads
             free = int(self.free_top)
             if free < rows:
-                self._grow_pool(max(rows - free, self.pool_pages // 4, 1))
+                self._grow_pool(rows - free)
                 free = int(self.free_top)
             self.free_bound = free
             self.decode_steps_left = self._decode_budget(free)
