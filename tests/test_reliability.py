@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_zygote import CliRun
 from conftest import tiny_model, write_tiny_workspace
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -404,42 +405,18 @@ def test_8_small_things(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ fault injection
 def _kill_at(args: list[str], cwd: Path, start_line: str, delay: float) -> None:
     """Start ``modelopt-dms ARGS``; ``delay`` s after it prints ``start_line``, SIGKILL it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "modelopt_dms.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
-        for line in proc.stdout:
-            if start_line in line:
-                break
-        time.sleep(delay)
-        proc.kill()
-    finally:
-        proc.wait()
-        proc.stdout.close()
+    run = CliRun(args, cwd, cwd.parent / "killed_run.log")
+    run.wait_for(start_line)
+    time.sleep(delay)
+    run.kill()
 
 
 def _timed(args: list[str], cwd: Path, start_line: str, end_line: str) -> float:
     """Seconds from ``start_line`` to ``end_line`` (the work, not start-up or shutdown) of a run."""
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "modelopt_dms.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    t0 = t1 = None
-    for line in proc.stdout:
-        if t0 is None and start_line in line:
-            t0 = time.time()
-        if end_line in line:
-            t1 = time.time()
-    assert proc.wait() == 0 and t0 is not None and t1 is not None
+    run = CliRun(args, cwd, cwd.parent / "timed_run.log")
+    t0 = run.wait_for(start_line)
+    t1 = run.wait_for(end_line)
+    assert run.wait() == 0 and t0 is not None and t1 is not None, run.log.read_text()[-2000:]
     return t1 - t0
 
 
