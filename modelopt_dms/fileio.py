@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ __all__ = [
     "atomic_save_safetensors",
     "atomic_write_json",
     "atomic_write_text",
+    "file_sha256",
     "fsync_dir",
     "normalise_permissions",
     "publish_dir",
@@ -176,3 +178,12 @@ def publish_dir(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
         else:
             old.unlink(missing_ok=True)
     return target
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -136,3 +136,18 @@ def write_tiny_workspace(root, extra_texts: dict[str, str] | None = None):
     model.save_pretrained(root / "tiny_model")
     tok.save_pretrained(root / "tiny_model")
     return root / "tiny_model", str(root / "text" / "*.txt")
+
+
+def benchmark_script(name: str, monkeypatch, *also: str):
+    """Import ``benchmarks/<name>.py`` afresh, its folder on ``sys.path`` for this test only.
+
+    ``also``: other modules of that folder it imports, re-imported too.
+    """
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for mod in (name, *also):
+        sys.modules.pop(mod, None)
+    return importlib.import_module(name)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stdlib_texts, tiny_chat_tokenizer, tiny_model
+from conftest import benchmark_script, stdlib_texts, tiny_chat_tokenizer, tiny_model
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny_test.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,12 +26,7 @@ def ablate(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "tiny_model")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.syspath_prepend(str(BENCH))
-    for mod in ("ablate", "eval_heads", "common"):
-        sys.modules.pop(mod, None)
-    import ablate
-
-    return ablate, tmp_path
+    return benchmark_script("ablate", monkeypatch, "eval_heads", "common"), tmp_path
 
 
 EVAL = ["--sources", "text/*", "--contexts", "64", "--texts", "1", "--generate", "4"]

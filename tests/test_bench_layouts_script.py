@@ -4,16 +4,12 @@ the kept tokens plus at most part of a page per (row, head); the blocked one pad
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import stdlib_texts, tiny_chat_tokenizer, tiny_model
+from conftest import benchmark_script, stdlib_texts, tiny_chat_tokenizer, tiny_model
 
 import modelopt_dms as dms
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,9 +37,7 @@ def test_layouts_bench_reports_paged_within_a_page_per_head_of_kept(tmp_path, mo
     dms.save_adapters(heads, tmp_path / "heads")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("bench_layouts", None)
-    import bench_layouts
+    bench_layouts = benchmark_script("bench_layouts", monkeypatch)
 
     out = tmp_path / "res" / "layouts.json"
     argv = ["--model", str(tmp_path / "model"), "--adapters", str(tmp_path / "heads")]

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import stdlib_texts, tiny_chat_tokenizer, tiny_model
+from conftest import benchmark_script, stdlib_texts, tiny_chat_tokenizer, tiny_model
 
 import modelopt_dms as dms
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,9 +28,7 @@ def test_eval_heads_reports_every_source_and_wilson_intervals(tmp_path, monkeypa
     dms.save_adapters(dms_model, tmp_path / "heads")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("eval_heads", None)
-    import eval_heads
+    eval_heads = benchmark_script("eval_heads", monkeypatch)
 
     out = tmp_path / "res" / "heads.json"
     argv = ["--model", str(tmp_path / "model"), "--adapters", str(tmp_path / "heads")]

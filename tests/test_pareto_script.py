@@ -5,10 +5,9 @@ labelled by result file and their tokens come only from what the result recorded
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 def _method(cr: float, kl: float, match: float, keys: dict[str, float]) -> dict:
@@ -17,9 +16,7 @@ def _method(cr: float, kl: float, match: float, keys: dict[str, float]) -> dict:
 
 
 def test_points_and_verdicts(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("pareto", None)
-    import pareto
+    pareto = benchmark_script("pareto", monkeypatch)
 
     unc = {"1024": {"accuracy": 1.0}, "2048": {"accuracy": 0.5}}
     heads = {
@@ -53,11 +50,7 @@ def test_points_and_verdicts(tmp_path, monkeypatch):
 
 
 def _import(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("pareto", None)
-    import pareto
-
-    return pareto
+    return benchmark_script("pareto", monkeypatch)
 
 
 def _fid(cr, kl, match):

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 def _import(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("plot_run", None)
-    import plot_run
-
-    return plot_run
+    return benchmark_script("plot_run", monkeypatch)
 
 
 def _record(step: int) -> dict:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..corpus import DEFAULT_CACHE_DIR, build_token_sequences, split_token_stream
 from ..export.adapters import load_adapters
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, file_sha256
 from ..loading import load_model
 from ..model_dms import quantize_fp8
 from .config import EvalConfig
@@ -258,14 +258,6 @@ def save_results(results: dict, out_dir: str) -> str:
     return path
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def comparison_key(cfg: EvalConfig, model_name: str) -> str:
     """A digest of what one round computes (equal keys: records that a later run may reuse).
 
@@ -276,7 +268,7 @@ def comparison_key(cfg: EvalConfig, model_name: str) -> str:
     heads = {}
     for label, folder in sorted(cfg.adapters.items()):
         heads[label] = {
-            name: _file_digest(os.path.join(folder, name))
+            name: file_sha256(os.path.join(folder, name))
             for name in sorted(os.listdir(folder))
             if name.startswith("dms_adapters.")
         }

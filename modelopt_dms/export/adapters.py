@@ -20,7 +20,6 @@ not written; load the artifact onto a model with the same base weights (e.g. the
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -39,7 +38,14 @@ from torch import nn
 from .._version import __version__
 from ..config import DMSConfig
 from ..conversion import DMS_FORMAT_VERSION, is_dms_model
-from ..fileio import atomic_copy_file, atomic_save_safetensors, atomic_write_json, publish_dir, staging_dir
+from ..fileio import (
+    atomic_copy_file,
+    atomic_save_safetensors,
+    atomic_write_json,
+    file_sha256,
+    publish_dir,
+    staging_dir,
+)
 from ..model_dms import dms_config, dms_mode_state, dms_modules
 from ..nn.attention import ADAPTER_ATTR
 from ..nn.lora import LORA_ATTR, base_weights_digest, fold_delta, lora_deltas, weight_name
@@ -100,14 +106,6 @@ def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 def _layers(model: nn.Module) -> list[int]:
     return [int(m.layer_idx) for m in dms_modules(model)]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -228,7 +226,7 @@ def _write_artifact(
         "dms_layers": _layers(model),
         "params": {name: list(t.shape) for name, t in tensors.items()},
         "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in tensors.items()},
-        "safetensors_sha256": _sha256(st_file),
+        "safetensors_sha256": file_sha256(st_file),
     }
     if lora is not None:
         record["lora"] = lora
@@ -266,7 +264,7 @@ def _read_artifact(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             raise ValueError(
                 f"{json_file} is malformed: '{key}' is missing or not a {kind.__name__}; {_SAVE_HINT}."
             )
-    if _sha256(st_file) != record["safetensors_sha256"]:
+    if file_sha256(st_file) != record["safetensors_sha256"]:
         raise ValueError(
             f"{st_file} does not match {json_file} (SHA-256 differs): the files come from different saves "
             f"or the tensor file is damaged; {_SAVE_HINT}."
