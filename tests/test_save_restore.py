@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM
 
 import modelopt_dms as dms
 from modelopt_dms import fileio
-from modelopt_dms.export import adapters as adapters_io
 
 KINDS = ["adapter", "borrowed_neuron"]
 WINDOW = 3
@@ -323,7 +322,7 @@ def _rewrite_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _edit_json(
         path,
         params={n: list(t.shape) for n, t in tensors.items()},
-        safetensors_sha256=adapters_io._sha256(path / "dms_adapters.safetensors"),
+        safetensors_sha256=fileio.file_sha256(path / "dms_adapters.safetensors"),
     )
 
 
@@ -413,7 +412,7 @@ def test_refuses_malformed_files(saved):
     (saved / "dms_adapters.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="SHA-256 differs"):
         dms.load_adapters(tiny_model("llama"), saved)
-    _edit_json(saved, safetensors_sha256=adapters_io._sha256(saved / "dms_adapters.safetensors"))
+    _edit_json(saved, safetensors_sha256=fileio.file_sha256(saved / "dms_adapters.safetensors"))
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         dms.load_adapters(tiny_model("llama"), saved)
 
