@@ -253,7 +253,7 @@ def save_results(results: dict, out_dir: str) -> str:
     meta = results.get("meta", {})
     partial = os.path.join(out_dir, PARTIAL_NAME)
     done = meta.get("rounds_completed", 0) >= meta.get("config", {}).get("rounds", 0)
-    if done and os.path.isfile(partial) and _partial_key(partial) == meta.get("key"):
+    if done and (_read_partial(partial) or {}).get("key") == meta.get("key"):
         os.remove(partial)
     return path
 
@@ -276,11 +276,14 @@ def comparison_key(cfg: EvalConfig, model_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _partial_key(path: str) -> str | None:
+def _read_partial(path: str) -> dict | None:
+    """The partial run at ``path`` (key, rounds_completed, records), or None if missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f).get("key")
-    except (OSError, ValueError, AttributeError):
+            state = json.load(f)
+        done, records = int(state["rounds_completed"]), list(state["records"])
+        return {"key": state["key"], "done": done, "records": records}
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -288,17 +291,14 @@ def _resume(path: str, key: str, rounds: int, log: Callable[[str], None]) -> tup
     """Records and the first round still to run from ``path``, if it holds this comparison."""
     if not os.path.isfile(path):
         return [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        stored_key, done, records = state["key"], int(state["rounds_completed"]), list(state["records"])
-    except (OSError, ValueError, KeyError, TypeError):
+    state = _read_partial(path)
+    if state is None:
         log(f"[eval] {path} is not a readable partial run: starting from round 1 (it will be replaced)")
         return [], 0
-    if stored_key != key:
+    if state["key"] != key:
         log(f"[eval] {path} is from another comparison (settings or heads differ): starting from round 1")
         return [], 0
-    done = min(done, rounds)
-    records = [r for r in records if r.get("round", 0) < done]
+    done = min(state["done"], rounds)
+    records = [r for r in state["records"] if r.get("round", 0) < done]
     log(f"[eval] resuming after round {done} of {rounds} ({len(records)} records from {path})")
     return records, done
