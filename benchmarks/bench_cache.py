@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import statistics
 import sys
 import time
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["decode_speedup"] = row["dms"]["decode_tok_s"] / best_decode
                 row["prefill_ratio"] = row["dms"]["prefill_tok_s"] / best_prefill
                 rows.append(row)
+                log("row " + json.dumps(row))  # in the log too, should a later cell be cut off
     table = make_table(rows)
     targets = check_targets(rows)
     lines = [f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['detail']}" for t in targets]
