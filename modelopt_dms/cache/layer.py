@@ -167,6 +167,8 @@ class DMSCacheLayer:
     ) -> torch.Tensor:
         """``(B, H, 1, C)`` slots the new token sees, kept across decode steps.
 
+        Additive (0 / -inf in the compute dtype) for the SDPA path, boolean for FP8 storage.
+
         Every stored slot is visible to the new token (flagged ones left when their slot was
         reused); slot 0 keeps the mask of a row without tokens non-empty (its output is zeroed). A
         decode step only adds the slot it wrote (rows without a real token add nothing), so the
@@ -175,11 +177,21 @@ class DMSCacheLayer:
         a store without attention): :attr:`RowBook.version` says which.
         """
         book = self.book
+        additive = not self.kv.codec.fp8  # SDPA's own form of a boolean mask: no conversion per step
         if not in_step:
             slots = self._slot_ids()
-            self._visible = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :].contiguous()
+            seen = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
+            if additive:  # 0 where visible, -inf elsewhere, in the compute dtype
+                self._visible = torch.zeros(seen.shape, dtype=self.compute_dtype, device=seen.device)
+                self._visible.masked_fill_(~seen, float("-inf"))
+            else:
+                self._visible = seen.contiguous()
         else:  # a row without a real token wrote its first free slot, which stays hidden
             value = True if real is None else real[:, None, None, None].expand(-1, book.heads, 1, 1)
+            if additive and real is None:
+                value = 0.0
+            elif additive:
+                value = self._visible.new_zeros(value.shape).masked_fill_(~value, float("-inf"))
             self._visible.scatter_(-1, slot[..., None], value)
         self._visible_version = book.version
         return self._visible
