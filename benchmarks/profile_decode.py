@@ -106,7 +106,7 @@ def profile_step(model, cache, ids: torch.Tensor, timed: int) -> dict:
 
 def table(rows: list[dict], layers: int) -> str:
     lines = [
-        "| batch | cache | step ms | kernels/step | launch calls | aten ops | kernels per layer |",
+        "| batch | cache | step ms | kernels/step | launch calls | aten ops | kernels/step ÷ layers |",
         "|---" * 7 + "|",
     ]
     for r in rows:
