@@ -186,6 +186,49 @@ def test_flex_training_kernel_equals_the_eager_soft_bias_forward():
         train(model, ids, cfg(attention="flex"), "unused", progress=False)
 
 
+
+def test_flex_kernel_builds_the_causal_block_mask_once_per_forward_not_once_per_layer(monkeypatch):
+    from modelopt_dms.nn import flex_training
+
+    made = []
+    real_flex = flex_training._flex
+
+    def counting():
+        flex, create = real_flex()
+
+        def create_counted(*a, **kw):
+            made.append(a[3:5])
+            return create(*a, **kw)
+
+        return flex, create_counted
+
+    monkeypatch.setattr(flex_training, "_flex", counting)
+    monkeypatch.setattr(flex_training, "_LAST_BLOCK_MASK", [None])
+    model = dms_model(window=2)
+    assert len(dms.dms_modules(model)) >= 2
+    ids = rows(n=2, t=20)
+    model.train()
+    dms.set_step(model, 3)
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        for m in dms.dms_modules(model):
+            m.dms_switches.training_kernel = "flex"
+        flex = model(ids, use_cache=False).logits
+        assert made == [(20, 20)]  # every layer reused the first layer's causal block mask
+        assert (eager - flex).abs().max() <= 1e-5
+        model(rows(n=2, t=16), use_cache=False)  # another length: a new mask, built once
+    assert made == [(20, 20), (16, 16)]
+    # a given mask tensor hits only while it is the same, unchanged tensor
+    vis = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    create = lambda *a, **kw: made.append("built") or object()  # noqa: E731
+    first = flex_training._block_mask(create, vis, 1, 8, torch.device("cpu"))
+    assert flex_training._block_mask(create, vis, 1, 8, torch.device("cpu")) is first
+    vis[0, 0, 3, 1] = False  # edited in place: its version moved
+    assert flex_training._block_mask(create, vis, 1, 8, torch.device("cpu")) is not first
+    other = vis.clone()
+    assert flex_training._block_mask(create, other, 1, 8, torch.device("cpu")) is not first
+    assert made.count("built") == 3
+
 # ------------------------------------------------------------------------------------------ packing
 def test_packed_rows_equal_the_same_documents_run_separately():
     docs = [rows(n=1, t=n, seed=n)[0].tolist() for n in (9, 14, 6)]

@@ -11,6 +11,8 @@ forward runs (uncompiled) but its backward does not, so training there uses the 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .masks import log_keep_probability
@@ -18,6 +20,34 @@ from .masks import log_keep_probability
 __all__ = ["flex_training_attention"]
 
 _COMPILED = {}
+_LAST_BLOCK_MASK: list = [None]  # (key, mask ref, block mask) of the last build: a forward's layers reuse it
+
+
+def _block_mask(create_block_mask, visible: torch.Tensor | None, bsz: int, t: int, device: torch.device):
+    """The block mask of the causal / model mask, built once while the same mask comes back.
+
+    Causal (``visible`` None) is a pure function of (batch, length, device); a given mask tensor is
+    matched by identity and version (a weak reference: a new tensor at a reused address never hits).
+    """
+    if visible is None:
+        key, ref = ("causal", bsz, t, str(device)), None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+    else:
+        key, ref = ("mask", id(visible), visible._version, bsz, t), weakref.ref(visible)
+        vis = visible[:, 0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return vis[b, q_idx, kv_idx] & (q_idx >= kv_idx)
+
+    last = _LAST_BLOCK_MASK[0]
+    if last is not None and last[0] == key and (ref is None or last[1]() is visible):
+        return last[2]
+    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=device)
+    _LAST_BLOCK_MASK[0] = (key, ref, block_mask)
+    return block_mask
 
 
 def _flex():
@@ -55,18 +85,7 @@ def flex_training_attention(
         far = (real_pos[b, q_idx] - real_pos[b, kv_idx]) > window
         return torch.where(far, score + log_keep[b, h // group, kv_idx], score)
 
-    if visible is None:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
-
-    else:
-        vis = visible[:, 0]
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return vis[b, q_idx, kv_idx] & (q_idx >= kv_idx)
-
-    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=query.device)
+    block_mask = _block_mask(create_block_mask, visible, bsz, t, query.device)
     fn = flex_attention
     if compile and query.device.type == "cuda":
         fn = _COMPILED.setdefault("flex", torch.compile(flex_attention, dynamic=False))
