@@ -217,7 +217,16 @@ def test_flex_kernel_builds_the_causal_block_mask_once_per_forward_not_once_per_
         assert made == [(20, 20)]  # every layer reused the first layer's causal block mask
         assert (eager - flex).abs().max() <= 1e-5
         model(rows(n=2, t=16), use_cache=False)  # another length: a new mask, built once
-    assert made == [(20, 20), (16, 16)]
+        assert made == [(20, 20), (16, 16)]
+        pad = torch.ones(2, 20, dtype=torch.long)
+        pad[0, :5] = 0  # the model's 4D mask: the layers share its visibility, so one build too
+        flex_pad = model(ids, attention_mask=pad, use_cache=False).logits
+        for m in dms.dms_modules(model):
+            m.dms_switches.training_kernel = "eager"
+        eager_pad = model(ids, attention_mask=pad, use_cache=False).logits
+    assert made == [(20, 20), (16, 16), (20, 20)]
+    assert (eager_pad[1] - flex_pad[1]).abs().max() <= 1e-5
+    assert (eager_pad[0, 5:] - flex_pad[0, 5:]).abs().max() <= 1e-5
     # a given mask tensor hits only while it is the same, unchanged tensor
     vis = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     create = lambda *a, **kw: made.append("built") or object()  # noqa: E731

@@ -71,6 +71,25 @@ def _continuation(mask: torch.Tensor | None, valid: torch.Tensor | None) -> torc
     return document_continuation(mask, valid)
 
 
+def _training_masks(attention_mask: Any, bsz: int, q_len: int, k_len: int) -> tuple:
+    """``(valid, visible, document ends)`` of the model's mask for a training forward.
+
+    The layers of a forward receive the same mask tensor: the result is kept on that tensor (with
+    its version and the shapes it was made for), so it is computed once per forward, and the
+    layers share one ``visible`` tensor (the flex kernel's block mask is keyed on it).
+    """
+    key = (getattr(attention_mask, "_version", None), bsz, q_len, k_len)
+    memo = getattr(attention_mask, "_dms_training_masks", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    valid = diagonal_validity(attention_mask, q_len, 0, bsz)
+    visible = dense_visibility(attention_mask, bsz, q_len, k_len)
+    out = (valid, visible, _continuation(visible, valid))
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask._dms_training_masks = (key, out)
+    return out
+
+
 def _is_dynamic(cache: Any) -> bool:
     """True for a transformers DynamicCache (every layer a plain, growing DynamicLayer)."""
     return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -273,9 +292,7 @@ class DMSAttention(DynamicModule):
         if cfg.granularity == "layer":
             z, hard = z[:, :1].expand_as(z), hard[:, :1].expand_as(hard)
         self._record(hard)
-        valid = diagonal_validity(attention_mask, query.shape[2], 0, query.shape[0])
-        mask = dense_visibility(attention_mask, query.shape[0], query.shape[2], key.shape[2])
-        cont = _continuation(mask, valid)
+        valid, mask, cont = _training_masks(attention_mask, query.shape[0], query.shape[2], key.shape[2])
         if self.dms_switches.training_kernel == "flex":
             return flex_training_attention(
                 query, key, value, z, cfg.window_size, self.scaling, mask, valid, cont
