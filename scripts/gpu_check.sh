@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks as one script (random weights; no model hub needed). On one H200 (2026-12-04) the steps took
-# about 8.5 minutes in all; their limits add up to more, so under a 10-minute runner split it with ONLY:
-#   ONLY="environment cuda-tests bench-cache-8b-b1 bench-cache-8b-b32" scripts/gpu_check.sh
+# about 8.5 minutes before the two batch-4 steps (+~2 min) were added. Under a 10-minute runner, two calls:
+#   ONLY="environment cuda-tests bench-cache-8b-b1 bench-cache-8b-b4 bench-cache-8b-b4-chunk4k" scripts/gpu_check.sh
+#   ONLY="bench-cache-8b-b32 profile-decode bench-train trainer-cpu trainer-cuda trainer-compare" scripts/gpu_check.sh
 #
 # Here (with PyPI):   scripts/fetch_gpu_wheels.sh      # the packages the GPU image lacks, into .whl/
 # On the GPU machine: scripts/gpu_check.sh [OUTDIR]     # OUTDIR defaults to $OUT, else gpu_check_out/
@@ -9,8 +10,9 @@
 # 1. tests/test_cuda.py: the batched cache (fp32/bf16/FP8, both layouts) against the masked reference,
 #    decode steps without host syncs, the trainer with the flex kernel and the fused KL, LoRA in bf16;
 # 2. the trainer on CUDA (one process) against the same run on CPU; NCCL data parallel with 2+ GPUs;
-# 3. benchmarks/bench_cache.py: a Llama-3.1-8B-shaped model (bf16) at 8K context, batch 1 and 32,
-#    DMS vs DynamicCache/StaticCache with SDPA; benchmarks/profile_decode.py: kernels per decode step;
+# 3. benchmarks/bench_cache.py: a Llama-3.1-8B-shaped model (bf16) at 8K context, batch 1, 4 and 32,
+#    DMS vs DynamicCache/StaticCache with SDPA (and prefill chunks of 4096 at batch 4);
+#    benchmarks/profile_decode.py: kernels per decode step;
 # 4. benchmarks/bench_train_gpu.py: SmolLM2-shaped trainer steps at 2K and 8K, eager vs flex + fused KL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,11 @@ CACHE_ARGS=(--model tiny-llama-8b-shape --device cuda --dtype bfloat16 --context
             --window 256 --chunk 1024 --block-size 256)
 step bench-cache-8b-b1 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 1 --repeats 3 \
   --out "$RAW/cache_gpu_b1.json"
+step bench-cache-8b-b4 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 4 --repeats 2 \
+  --out "$RAW/cache_gpu_b4.json"
+# prefill in larger chunks (the 1024-token chunks gave 0.44-0.79x of dense prefill on 2026-12-04)
+step bench-cache-8b-b4-chunk4k 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 4 --repeats 2 \
+  --chunk 4096 --out "$RAW/cache_gpu_b4_chunk4096.json"
 step bench-cache-8b-b32 110 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 32 --repeats 1 \
   --out "$RAW/cache_gpu_b32.json"
 step profile-decode 60 "$PY" benchmarks/profile_decode.py --layers 4 --batches 1 32 --context 8192 \
