@@ -4,7 +4,9 @@ attention kernel, packing with document boundaries, KL beyond the window and the
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from conftest import tiny_model
 
 import modelopt_dms as dms
+from modelopt_dms.nn.memo import LastForTensor
 from modelopt_dms.training import TrainConfig, distillation_kl, train
 from modelopt_dms.training import trainer as trainer_mod
 from modelopt_dms.training.fused_kl import TopKTeacher, fused_head_kl, topk_kl
@@ -186,7 +189,6 @@ def test_flex_training_kernel_equals_the_eager_soft_bias_forward():
         train(model, ids, cfg(attention="flex"), "unused", progress=False)
 
 
-
 def test_flex_kernel_builds_the_causal_block_mask_once_per_forward_not_once_per_layer(monkeypatch):
     from modelopt_dms.nn import flex_training
 
@@ -203,7 +205,8 @@ def test_flex_kernel_builds_the_causal_block_mask_once_per_forward_not_once_per_
         return flex, create_counted
 
     monkeypatch.setattr(flex_training, "_flex", counting)
-    monkeypatch.setattr(flex_training, "_LAST_BLOCK_MASK", [None])
+    monkeypatch.setattr(flex_training, "_CAUSAL_BLOCK_MASK", [None])
+    monkeypatch.setattr(flex_training, "_MASK_BLOCK_MASK", LastForTensor())
     model = dms_model(window=2)
     assert len(dms.dms_modules(model)) >= 2
     ids = rows(n=2, t=20)
@@ -237,6 +240,26 @@ def test_flex_kernel_builds_the_causal_block_mask_once_per_forward_not_once_per_
     other = vis.clone()
     assert flex_training._block_mask(create, other, 1, 8, torch.device("cpu")) is not first
     assert made.count("built") == 3
+
+
+def test_the_one_slot_mask_memo_lets_a_replaced_mask_go():
+    """Values that view the mask (as ``visible`` does) must not keep it alive once replaced."""
+    memo, made = LastForTensor(), []
+
+    def view_of(m):
+        return lambda: made.append(1) or (m[..., :3], m.sum())
+
+    first = torch.ones(4, 4, dtype=torch.bool)
+    gone = weakref.ref(first)
+    value = memo.get(first, "k", view_of(first))
+    assert memo.get(first, "k", view_of(first)) is value and len(made) == 1
+    assert memo.get(first, "other", view_of(first)) is not value and len(made) == 2
+    second = torch.zeros(4, 4, dtype=torch.bool)
+    memo.get(second, "k", view_of(second))
+    del first, value
+    gc.collect()
+    assert gone() is None  # replaced in the slot: freed, no cycle left behind
+
 
 # ------------------------------------------------------------------------------------------ packing
 def test_packed_rows_equal_the_same_documents_run_separately():

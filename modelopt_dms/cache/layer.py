@@ -23,6 +23,12 @@ __all__ = ["DMSCacheLayer"]
 FP8_READ_BLOCK = 1024  # slots dequantised at a time when the storage is FP8
 
 
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask in SDPA's additive form: 0 where visible, -inf elsewhere."""
+    out = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return out.masked_fill_(~visible, float("-inf"))
+
+
 class DMSCacheLayer:
     """The state of one DMS attention layer in a :class:`~modelopt_dms.cache.DMSCache`."""
 
@@ -181,17 +187,13 @@ class DMSCacheLayer:
         if not in_step:
             slots = self._slot_ids()
             seen = ((slots < book.length[..., None]) | (slots == 0))[:, :, None, :]
-            if additive:  # 0 where visible, -inf elsewhere, in the compute dtype
-                self._visible = torch.zeros(seen.shape, dtype=self.compute_dtype, device=seen.device)
-                self._visible.masked_fill_(~seen, float("-inf"))
-            else:
-                self._visible = seen.contiguous()
+            self._visible = _additive(seen, self.compute_dtype) if additive else seen.contiguous()
+        elif real is None:
+            self._visible.scatter_(-1, slot[..., None], 0.0 if additive else True)
         else:  # a row without a real token wrote its first free slot, which stays hidden
-            value = True if real is None else real[:, None, None, None].expand(-1, book.heads, 1, 1)
-            if additive and real is None:
-                value = 0.0
-            elif additive:
-                value = self._visible.new_zeros(value.shape).masked_fill_(~value, float("-inf"))
+            value = real[:, None, None, None].expand(-1, book.heads, 1, 1)
+            if additive:
+                value = _additive(value, self.compute_dtype)
             self._visible.scatter_(-1, slot[..., None], value)
         self._visible_version = book.version
         return self._visible

@@ -31,6 +31,7 @@ from .masks import (
     hard_visibility,
     soft_eviction_bias,
 )
+from .memo import LastForTensor
 from .sdpa_training import sdpa_training_attention
 
 __all__ = ["ADAPTER_ATTR", "DMSAttention", "DMSAttentionRegistry", "DMSSwitches"]
@@ -71,23 +72,24 @@ def _continuation(mask: torch.Tensor | None, valid: torch.Tensor | None) -> torc
     return document_continuation(mask, valid)
 
 
+_TRAINING_MASKS = LastForTensor()
+
+
 def _training_masks(attention_mask: Any, bsz: int, q_len: int, k_len: int) -> tuple:
     """``(valid, visible, document ends)`` of the model's mask for a training forward.
 
-    The layers of a forward receive the same mask tensor: the result is kept on that tensor (with
-    its version and the shapes it was made for), so it is computed once per forward, and the
-    layers share one ``visible`` tensor (the flex kernel's block mask is keyed on it).
+    The layers of a forward receive the same mask tensor, so this is computed once per forward and
+    the layers share one ``visible`` tensor (the flex kernel's block mask is keyed on it).
     """
-    key = (getattr(attention_mask, "_version", None), bsz, q_len, k_len)
-    memo = getattr(attention_mask, "_dms_training_masks", None)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    valid = diagonal_validity(attention_mask, q_len, 0, bsz)
-    visible = dense_visibility(attention_mask, bsz, q_len, k_len)
-    out = (valid, visible, _continuation(visible, valid))
-    if isinstance(attention_mask, torch.Tensor):
-        attention_mask._dms_training_masks = (key, out)
-    return out
+
+    def make() -> tuple:
+        valid = diagonal_validity(attention_mask, q_len, 0, bsz)
+        visible = dense_visibility(attention_mask, bsz, q_len, k_len)
+        return valid, visible, _continuation(visible, valid)
+
+    if not isinstance(attention_mask, torch.Tensor):  # None (cheap) or a flex BlockMask
+        return make()
+    return _TRAINING_MASKS.get(attention_mask, (bsz, q_len, k_len), make)
 
 
 def _is_dynamic(cache: Any) -> bool:

@@ -11,43 +11,45 @@ forward runs (uncompiled) but its backward does not, so training there uses the 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .masks import log_keep_probability
+from .memo import LastForTensor
 
 __all__ = ["flex_training_attention"]
 
 _COMPILED = {}
-_LAST_BLOCK_MASK: list = [None]  # (key, mask ref, block mask) of the last build: a forward's layers reuse it
+_CAUSAL_BLOCK_MASK: list = [None]  # ((batch, length, device), block mask) of the last causal build
+_MASK_BLOCK_MASK = LastForTensor()  # the block mask of the last model mask
 
 
 def _block_mask(create_block_mask, visible: torch.Tensor | None, bsz: int, t: int, device: torch.device):
     """The block mask of the causal / model mask, built once while the same mask comes back.
 
-    Causal (``visible`` None) is a pure function of (batch, length, device); a given mask tensor is
-    matched by identity and version (a weak reference: a new tensor at a reused address never hits).
+    Causal (``visible`` None) is a pure function of (batch, length, device); a model mask is matched
+    by identity and version (the layers of a forward share one ``visible``:
+    :func:`~modelopt_dms.nn.attention._training_masks`).
     """
     if visible is None:
-        key, ref = ("causal", bsz, t, str(device)), None
+        key = (bsz, t, str(device))
+        if _CAUSAL_BLOCK_MASK[0] is not None and _CAUSAL_BLOCK_MASK[0][0] == key:
+            return _CAUSAL_BLOCK_MASK[0][1]
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def causal(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
 
-    else:
-        key, ref = ("mask", id(visible), visible._version, bsz, t), weakref.ref(visible)
-        vis = visible[:, 0]
+        block_mask = create_block_mask(causal, bsz, None, t, t, device=device)
+        _CAUSAL_BLOCK_MASK[0] = (key, block_mask)
+        return block_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return vis[b, q_idx, kv_idx] & (q_idx >= kv_idx)
+    vis = visible[:, 0]
 
-    last = _LAST_BLOCK_MASK[0]
-    if last is not None and last[0] == key and (ref is None or last[1]() is visible):
-        return last[2]
-    block_mask = create_block_mask(mask_mod, bsz, None, t, t, device=device)
-    _LAST_BLOCK_MASK[0] = (key, ref, block_mask)
-    return block_mask
+    def masked(b, h, q_idx, kv_idx):
+        return vis[b, q_idx, kv_idx] & (q_idx >= kv_idx)
+
+    return _MASK_BLOCK_MASK.get(
+        visible, (bsz, t), lambda: create_block_mask(masked, bsz, None, t, t, device=device)
+    )
 
 
 def _flex():
