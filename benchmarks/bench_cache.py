@@ -30,7 +30,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import MIB, RESULTS, dense_cache_bytes, environment, log, real_text_ids, write_outputs
+from common import (
+    LLAMA_8B_SHAPE,
+    MIB,
+    RESULTS,
+    dense_cache_bytes,
+    environment,
+    log,
+    real_text_ids,
+    sync,
+    write_outputs,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modelopt_dms as dms
@@ -77,11 +87,6 @@ def cache_bytes(kind: str, cache) -> dict:
     return {"kv_bytes_allocated": b, "kv_bytes_kept": b, "kv_bytes_dense": b, "compression_ratio": 1.0}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> dict:
     """Prefill ``ids`` (B, T), then greedy-decode; timings, op count and cache accounting."""
     device = ids.device
@@ -91,10 +96,10 @@ def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> d
         torch.cuda.reset_peak_memory_stats()
     cache = new_cache(kind, model, ids.shape[1] + decode_tokens + 1, args)
     with torch.inference_mode():
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         t_prefill = time.perf_counter() - t0
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
@@ -107,11 +112,11 @@ def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> d
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 ops = counter.count
                 continue
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync(device)
+            sync(device)
             step_s.append(time.perf_counter() - t0)
     bsz = ids.shape[0]
     res = {
@@ -145,14 +150,7 @@ def load(args):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         cfg = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=16384,
-            attn_implementation="sdpa",
+            **LLAMA_8B_SHAPE, num_hidden_layers=32, max_position_embeddings=16384, attn_implementation="sdpa"
         )
         with torch.device(args.device):
             model = LlamaForCausalLM(cfg).to(dtype)

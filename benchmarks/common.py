@@ -26,9 +26,18 @@ from modelopt_dms.fileio import atomic_write_json, atomic_write_text  # noqa: E4
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MIB = 1024.0**2
+# Llama-3.1-8B's decoder shape, for random-weight GPU runs (no model hub); layers set by the caller
+LLAMA_8B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
+    "LLAMA_8B_SHAPE",
     "MIB",
     "PYTHON_DOCS_GLOB",
     "RESULTS",
@@ -39,8 +48,15 @@ __all__ = [
     "git_state",
     "log",
     "real_text_ids",
+    "sync",
     "write_outputs",
 ]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def log(msg: str) -> None:

@@ -24,20 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, environment, log, write_outputs
+from common import LLAMA_8B_SHAPE, RESULTS, environment, log, sync, write_outputs
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 import modelopt_dms as dms
 
 SHAPES = {
-    "llama-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-    ),
+    "llama-8b": LLAMA_8B_SHAPE,
     "small": dict(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4
     ),
@@ -56,11 +50,6 @@ def build(shape: str, layers: int, max_len: int, device: torch.device, dtype: to
     return base, dms.apply_dms(copy.deepcopy(base), {"window_size": 256})
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _self_time(evt, cuda: bool) -> float:
     if cuda:
         return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
@@ -77,16 +66,16 @@ def profile_step(model, cache, ids: torch.Tensor, timed: int) -> dict:
             tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits.argmax(-1)
         step_ms = []
         for _ in range(timed):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits.argmax(-1)
-            _sync(device)
+            sync(device)
             step_ms.append(1e3 * (time.perf_counter() - t0))
-        _sync(device)
+        sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits.argmax(-1)
-            _sync(device)
+            sync(device)
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     launches = sum(e.count for e in events if "LaunchKernel" in e.key)
