@@ -11,9 +11,14 @@ at another offset). Measured per run:
 * ops per decode step: aten ops dispatched by one step (a ``TorchDispatchMode`` counter);
 * KV bytes: allocated vs kept vs dense (``cache_stats`` for DMS; tensor bytes for the dense caches).
 
+``--graphs`` adds a fourth run per cell, ``dms-graph``: the same DMS model decoding through
+``dms.GraphDecoder`` (each step replayed from a CUDA graph; on CPU it runs eagerly). Its first decode
+step warms up and captures the graph: ``first_step_ms`` reports it, the median step leaves it out.
+
     .venv/bin/python benchmarks/bench_cache.py                             # the README table
     .venv/bin/python benchmarks/bench_cache.py --contexts 512 --batches 1 2 --decode-tokens 4
     .venv/bin/python benchmarks/bench_cache.py --model tiny-llama-8b-shape --device cuda --dtype bfloat16
+    python3 benchmarks/bench_cache.py --model tiny-llama-8b-shape --device cuda --dtype bfloat16 --graphs
 
 Results: ``benchmarks/results/cache/<stem>.{json,md,png}``.
 """
@@ -46,6 +51,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modelopt_dms as dms
 
 CACHES = ("dynamic", "static", "dms")
+RANDOM_SHAPES = {
+    "tiny-llama-8b-shape": (LLAMA_8B_SHAPE, 32),
+    "tiny-random": (
+        dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        ),
+        2,
+    ),
+}
+GRAPH = "dms-graph"  # the DMS cache decoded through GraphDecoder (--graphs)
 TARGET_BYTES = 1.1  # allocated <= 1.1 x kept at >= 1K context
 TARGET_DECODE = 1.0  # decode >= 1.0 x the faster dense cache everywhere ...
 TARGET_DECODE_8K_B4 = 1.5  # ... and >= 1.5 x at 8K, batch 4
@@ -71,11 +90,12 @@ def new_cache(kind: str, model, max_len: int, args):
         return DynamicCache()
     if kind == "static":
         return StaticCache(config=model.config, max_cache_len=max_len)
+    # dms, dms-graph
     return dms.DMSCache(block_size=args.block_size, prefill_chunk_size=args.chunk or None)
 
 
 def cache_bytes(kind: str, cache) -> dict:
-    if kind == "dms":
+    if kind.startswith("dms"):
         st = dms.cache_stats(cache)
         return {
             "kv_bytes_allocated": st["kv_bytes_allocated"],
@@ -85,6 +105,19 @@ def cache_bytes(kind: str, cache) -> dict:
         }
     b = dense_cache_bytes(cache)
     return {"kv_bytes_allocated": b, "kv_bytes_kept": b, "kv_bytes_dense": b, "compression_ratio": 1.0}
+
+
+def stepper(model, kind: str, cache, args):
+    """One greedy decode step ``tok (B, 1) -> next tok (B, 1)`` on ``cache``."""
+    if kind == GRAPH:
+        decoder = dms.GraphDecoder(model, cache, reserve=args.graph_reserve)
+        return lambda tok: decoder.step(tok)[:, -1].argmax(-1, keepdim=True)
+
+    def step(tok):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return step
 
 
 def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> dict:
@@ -103,21 +136,23 @@ def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> d
         t_prefill = time.perf_counter() - t0
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
-        step_s, ops = [], None
+        decode_step = stepper(model, kind, cache, args)
+        step_s, ops, first_s = [], None, None
         for i in range(decode_tokens):
             if i == 1:  # count the ops of one steady-state step
                 counter = OpCounter()
                 with counter:
-                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                    tok = decode_step(tok)
                 ops = counter.count
                 continue
             sync(device)
             t0 = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok = decode_step(tok)
             sync(device)
-            step_s.append(time.perf_counter() - t0)
+            if i == 0:  # a GraphDecoder warms up and captures here
+                first_s = time.perf_counter() - t0
+            else:
+                step_s.append(time.perf_counter() - t0)
     bsz = ids.shape[0]
     res = {
         "prefill_s": t_prefill,
@@ -125,6 +160,7 @@ def run_once(model, kind: str, ids: torch.Tensor, decode_tokens: int, args) -> d
         "decode_step_ms_median": 1e3 * statistics.median(step_s),
         "decode_tok_s": bsz / statistics.median(step_s),
         "ops_per_decode_step": ops,
+        "first_step_ms": 1e3 * first_s,
         **cache_bytes(kind, cache),
     }
     if device.type == "cuda":
@@ -146,11 +182,12 @@ def median_run(runs: list[dict]) -> dict:
 def load(args):
     """(base model, tokenizer or None) on the requested device and dtype."""
     dtype = getattr(torch, args.dtype)
-    if args.model == "tiny-llama-8b-shape":  # random weights at Llama-3.1-8B shape (GPU check)
+    if args.model in RANDOM_SHAPES:  # random weights (the GPU check; a CPU dry run of the script)
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        shape, layers = RANDOM_SHAPES[args.model]
         cfg = LlamaConfig(
-            **LLAMA_8B_SHAPE, num_hidden_layers=32, max_position_embeddings=16384, attn_implementation="sdpa"
+            **shape, num_hidden_layers=layers, max_position_embeddings=16384, attn_implementation="sdpa"
         )
         with torch.device(args.device):
             model = LlamaForCausalLM(cfg).to(dtype)
@@ -166,11 +203,14 @@ def make_table(rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        for kind in CACHES:
+        for kind in (*CACHES, GRAPH):
+            if kind not in r:
+                continue
             m = r[kind]
             rel = "| |"
-            if kind == "dms":
-                rel = f"{r['decode_speedup']:.2f} | {r['prefill_ratio']:.2f} | {_alloc_ratio(r):.3f}"
+            if kind.startswith("dms"):
+                speedup = r["decode_speedup" if kind == "dms" else "decode_speedup_graph"]
+                rel = f"{speedup:.2f} | {r['prefill_ratio']:.2f} | {_alloc_ratio(r, kind):.3f}"
             cells = [
                 r["batch"],
                 r["context"],
@@ -187,8 +227,8 @@ def make_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _alloc_ratio(row: dict) -> float:
-    return row["dms"]["kv_bytes_allocated"] / row["dms"]["kv_bytes_kept"]
+def _alloc_ratio(row: dict, kind: str = "dms") -> float:
+    return row[kind]["kv_bytes_allocated"] / row[kind]["kv_bytes_kept"]
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -209,6 +249,16 @@ def check_targets(rows: list[dict]) -> list[dict]:
             "detail": ", ".join(f"b{r['batch']}/{r['context']}: {_alloc_ratio(r):.3f}" for r in rows),
         },
     ]
+    if rows and "decode_speedup_graph" in rows[0]:
+        out.append(
+            {
+                "target": f"decode through GraphDecoder >= {TARGET_DECODE}x the faster dense cache",
+                "pass": all(r["decode_speedup_graph"] >= TARGET_DECODE for r in rows),
+                "detail": ", ".join(
+                    f"b{r['batch']}/{r['context']}: {r['decode_speedup_graph']:.2f}" for r in rows
+                ),
+            }
+        )
     big = [r for r in rows if r["batch"] == 4 and r["requested"] == 8192]
     if big:
         out.append(
@@ -255,7 +305,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="a load_model name/path, or tiny-llama-8b-shape")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a load_model name/path, or tiny-llama-8b-shape / tiny-random (random weights)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -265,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-every", type=int, default=8, help="fixed eviction: keep 1 of K outside the window")
     p.add_argument("--chunk", type=int, default=256, help="DMSCache prefill_chunk_size (0 = one piece)")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--graphs", action="store_true", help="also decode DMS through GraphDecoder (CUDA graphs)")
+    p.add_argument("--graph-reserve", type=int, default=64, help="GraphDecoder reserve (steps per graph)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (medians reported)")
     p.add_argument("--out", type=Path, default=RESULTS / "cache" / "cache_bench.json")
@@ -283,18 +339,22 @@ def main(argv: list[str] | None = None) -> int:
         text = torch.randint(0, base.config.vocab_size, (need,), device=args.device)
     rows = []
     with dms.fixed_eviction(model_dms, keep_every=args.keep_every):
-        for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):  # warm-up
+        runs_of = [("dynamic", base), ("static", base), ("dms", model_dms)]
+        kinds = CACHES + ((GRAPH,) if args.graphs else ())
+        if args.graphs:
+            runs_of.append((GRAPH, model_dms))
+        for kind, model in runs_of:  # warm-up
             run_once(model, kind, text[None, :128], 3, args)
         for bsz in args.batches:
             for requested in args.contexts:
                 ctx = min(requested, max_pos - args.decode_tokens - 1)
                 ids = torch.stack([text[i * ctx : (i + 1) * ctx] for i in range(bsz)])
                 row = {"batch": bsz, "requested": requested, "context": ctx}
-                runs: dict[str, list[dict]] = {k: [] for k in CACHES}
+                runs: dict[str, list[dict]] = {k: [] for k in kinds}
                 for _ in range(args.repeats):  # interleaved: dynamic, static, dms, dynamic, ...
-                    for kind, model in (("dynamic", base), ("static", base), ("dms", model_dms)):
+                    for kind, model in runs_of:
                         runs[kind].append(run_once(model, kind, ids, args.decode_tokens, args))
-                for kind in CACHES:
+                for kind in kinds:
                     row[kind] = median_run(runs[kind])
                     m = row[kind]
                     log(
@@ -306,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 best_prefill = max(row["dynamic"]["prefill_tok_s"], row["static"]["prefill_tok_s"])
                 row["decode_speedup"] = row["dms"]["decode_tok_s"] / best_decode
                 row["prefill_ratio"] = row["dms"]["prefill_tok_s"] / best_prefill
+                if args.graphs:
+                    row["decode_speedup_graph"] = row[GRAPH]["decode_tok_s"] / best_decode
                 rows.append(row)
                 log("row " + json.dumps(row))  # in the log too, should a later cell be cut off
     table = make_table(rows)
@@ -321,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {title}\n\n- command: `{env['command']}`\n- torch {env['torch']}, transformers "
         f"{env['transformers']}, {env['threads']} threads, {env['cpu_model']}\n"
         f"- {args.repeats} interleaved runs per cell (dynamic, static, DMS in turn), medians; a run's decode "
-        f"speed is the median of its {args.decode_tokens - 1} timed greedy steps\n\n{table}\n\n## Targets\n\n"
+        f"speed is the median of its {args.decode_tokens - 2} timed greedy steps (the first step and "
+        f"the op-counted one are left out)\n\n{table}\n\n## Targets\n\n"
         + "\n".join(f"- {line}" for line in lines)
         + "\n"
     )

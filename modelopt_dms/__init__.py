@@ -6,7 +6,7 @@
 
 from . import mode, plugins  # noqa: F401  (registration happens on import)
 from ._version import __version__
-from .cache import DMSCache, cache_stats
+from .cache import DMSCache, GraphDecoder, cache_stats
 from .config import DMS_DEFAULT_CFG, DMS_SMALL_MODEL_CFG, DMSConfig
 from .conversion import DMS_FORMAT_VERSION, is_dms_model  # noqa: F401
 from .export import (
@@ -44,6 +44,7 @@ __all__ = [
     "DMS_SMALL_MODEL_CFG",
     "DMSCache",
     "DMSConfig",
+    "GraphDecoder",
     "OnnxDMSGenerator",
     "__version__",
     "apply_dms",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as one script (random weights; no model hub needed). On one H200 (2026-12-04) the steps took
-# about 8.5 minutes before the two batch-4 steps (+~2 min) were added. Under a 10-minute runner, two calls:
+# about 8.5 minutes before the two batch-4 steps (+~2 min) and the GraphDecoder runs (--graphs, about +1 min)
+# were added. Under a 10-minute runner, two calls:
 #   ONLY="environment cuda-tests bench-cache-8b-b1 bench-cache-8b-b4 bench-cache-8b-b4-chunk4k" scripts/gpu_check.sh
 #   ONLY="bench-cache-8b-b32 profile-decode bench-train trainer-cpu trainer-cuda trainer-compare" scripts/gpu_check.sh
 #
@@ -11,7 +12,8 @@
 #    decode steps without host syncs, the trainer with the flex kernel and the fused KL, LoRA in bf16;
 # 2. the trainer on CUDA (one process) against the same run on CPU; NCCL data parallel with 2+ GPUs;
 # 3. benchmarks/bench_cache.py: a Llama-3.1-8B-shaped model (bf16) at 8K context, batch 1, 4 and 32,
-#    DMS vs DynamicCache/StaticCache with SDPA (and prefill chunks of 4096 at batch 4);
+#    DMS (eager, and through GraphDecoder: decode steps replayed from CUDA graphs) vs DynamicCache/StaticCache
+#    with SDPA (and prefill chunks of 4096 at batch 4);
 #    benchmarks/profile_decode.py: kernels per decode step;
 # 4. benchmarks/bench_train_gpu.py: SmolLM2-shaped trainer steps at 2K and 8K, eager vs flex + fused KL.
 set -uo pipefail
@@ -52,14 +54,14 @@ step cuda-tests 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cu
 # The benchmarks run one batch size per process, so a slow batch-32 run cannot cost the batch-1 numbers.
 CACHE_ARGS=(--model tiny-llama-8b-shape --device cuda --dtype bfloat16 --contexts 8192 --decode-tokens 16
             --window 256 --chunk 1024 --block-size 256)
-step bench-cache-8b-b1 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 1 --repeats 3 \
+step bench-cache-8b-b1 95 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --graphs --batches 1 --repeats 3 \
   --out "$RAW/cache_gpu_b1.json"
-step bench-cache-8b-b4 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 4 --repeats 2 \
+step bench-cache-8b-b4 95 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --graphs --batches 4 --repeats 2 \
   --out "$RAW/cache_gpu_b4.json"
 # prefill in larger chunks (the 1024-token chunks gave 0.44-0.79x of dense prefill on 2026-12-04)
 step bench-cache-8b-b4-chunk4k 70 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 4 --repeats 2 \
   --chunk 4096 --out "$RAW/cache_gpu_b4_chunk4096.json"
-step bench-cache-8b-b32 110 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --batches 32 --repeats 1 \
+step bench-cache-8b-b32 140 "$PY" benchmarks/bench_cache.py "${CACHE_ARGS[@]}" --graphs --batches 32 --repeats 1 \
   --out "$RAW/cache_gpu_b32.json"
 step profile-decode 60 "$PY" benchmarks/profile_decode.py --layers 4 --batches 1 32 --context 8192 \
   --out "$RAW/profile_decode.json"

@@ -1,7 +1,8 @@
 """Checks that need a CUDA GPU (skipped without one; run by ``scripts/gpu_check.sh``).
 
 The batched cache in bf16 and fp32 on the GPU against the fp64 masked reference on CPU, decode
-steps that add no host syncs to what transformers itself does, FP8 storage, and the trainer on
+steps that add no host syncs to what transformers itself does, FP8 storage, decode steps replayed
+from CUDA graphs (``GraphDecoder``) against eager steps, and the trainer on
 CUDA (flex-attention kernel with its backward, fused lm_head + KL, bf16 base, LoRA deltas) against
 the eager CPU path.
 """
@@ -127,6 +128,41 @@ def test_generate_on_cuda_equals_the_dynamic_cache():
         out = model.generate(ids.to(CUDA), return_dict_in_generate=True, **kw)
     assert isinstance(out.past_key_values, DMSCache)
     assert torch.equal(out.sequences, ref)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager_decoding(dtype):
+    """GraphDecoder replays real CUDA graphs: same logits and cache as eager steps, across recaptures."""
+    model = dms_model(num_key_value_heads=2, num_attention_heads=8, std=0.5).to(CUDA, dtype).eval()
+    ids, mask = padded_batch([40, 31, 22], 40, seed=3)
+    ids, mask = ids.to(CUDA), mask.to(CUDA)
+
+    def prefill():
+        cache = DMSCache(block_size=8)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        return cache, out.logits[:, -1:].argmax(-1)
+
+    cache_ref, tok = prefill()
+    ref, fed, pos = [], [tok], mask.sum(-1, keepdim=True)
+    with torch.inference_mode():
+        for _ in range(40):
+            out = model(input_ids=fed[-1], position_ids=pos, past_key_values=cache_ref).logits
+            ref.append(out.float().cpu())
+            fed.append(out.argmax(-1))
+            pos = pos + 1
+    cache, _ = prefill()
+    decoder = dms.GraphDecoder(model, cache, reserve=12)
+    assert decoder.enabled
+    got = [decoder.step(t).float().cpu() for t in fed[:-1]]  # the same tokens (bf16 ties may differ)
+    assert decoder.captures >= 3
+    atol = 1e-4 if dtype == torch.float32 else 3e-2
+    for step, (a, b) in enumerate(zip(ref, got, strict=True)):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=f"step {step}")
+    for la, lb in zip(cache_ref.dms_layers().values(), cache.dms_layers().values(), strict=True):
+        assert torch.equal(la.book.length, lb.book.length) and torch.equal(la.book.seen, lb.book.seen)
 
 
 # ------------------------------------------------------------------------------------------ the trainer

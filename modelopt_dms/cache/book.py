@@ -142,12 +142,14 @@ class RowBook:
         if real is not None:
             ring_entry = torch.where(real[:, None, None], slot_col, prev_leave[..., 1:])
         self.ring.scatter_(-1, ring_idx[..., 1:], ring_entry)
+        # in place: a decode step keeps every state tensor where it is (CUDA-graph replay reads
+        # and writes the same addresses every step; see graphs.py)
         if real is None:
-            self.length = self.length + ~reuse
-            self.seen = self.seen + 1
+            self.length.add_(~reuse)
+            self.seen.add_(1)
         else:
-            self.length = self.length + (~reuse & real[:, None])
-            self.seen = self.seen + real
+            self.length.add_(~reuse & real[:, None])
+            self.seen.add_(real)
         self.max_length_bound += 1
         self.version += 1
         return DecodePlan(slot=slot, real=real)
