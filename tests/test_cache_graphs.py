@@ -131,6 +131,30 @@ def test_a_second_turn_prefilled_between_replays_resyncs_positions_and_recapture
     _same_rows(cache_ref, cache)
 
 
+def test_a_beam_reorder_between_steps_permutes_the_positions_too():
+    model = dms_model(std=0.5, window=3).eval()
+    ids, mask = padded_batch([14, 8, 11], 14, seed=7)
+    order = torch.tensor([2, 2, 0])
+
+    cache_ref, tok = _prefill(model, ids, mask, block_size=4)
+    first = mask.sum(-1, keepdim=True)
+    ref, tok_ref = _eager(model, cache_ref, tok, first, 5)
+    cache_ref.reorder_cache(order)
+    more, _ = _eager(model, cache_ref, tok_ref[order], (first + 5)[order], 5)
+
+    cache, tok = _prefill(model, ids, mask, block_size=4)
+    decoder = GraphDecoder(model, cache, reserve=16, graph_factory=ReplayGraph)
+    got, tok = _graphed(decoder, tok, 5)
+    cache.reorder_cache(order)
+    got_more, _ = _graphed(decoder, tok[order], 5)
+    assert decoder.captures == 2  # the reorder moved the cache's tensors: captured again
+    for a, b in zip(ref + more, got + got_more, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    _same_rows(cache_ref, cache)
+    with pytest.raises(ValueError, match="one token per row"):
+        decoder.step(torch.zeros(2, 1, dtype=torch.long))
+
+
 def test_fp8_storage_replays_too():
     import modelopt_dms as dms
 

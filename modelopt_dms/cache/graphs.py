@@ -99,12 +99,12 @@ class GraphDecoder:
         self._ids = torch.zeros(book.batch, 1, dtype=torch.long, device=device)
         self._pos = position_ids.to(device=device, dtype=torch.long).clone()
         self._cache_pos = torch.full((1,), self.layers[0].logical, dtype=torch.long, device=device)
-        self._last_logical = self.layers[0].logical
         self._graph: Any = None
         self._logits: torch.Tensor | None = None
         self._steps_left = 0
         self._expected: list[tuple] = []
         self.captures = 0  # graphs captured so far (each covers up to ``reserve`` steps)
+        self._remember()
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -135,20 +135,24 @@ class GraphDecoder:
 
     # ------------------------------------------------------------------ steps
     def _resync(self) -> None:
-        """After an edit by someone else (a prefill, a batch edit): positions from the cache again."""
+        """After an edit by someone else (a prefill, a batch edit, ``release``): positions again.
+
+        Positions derived from the cache are read from it again (a new turn moved them on, a beam
+        reorder permuted them); positions given by hand survive only edits that added no token.
+        """
         layers = self._check_layers(self.cache)
         same = [id(x) for x in layers] == [id(x) for x in self.layers]
         if not same or layers[0].book.batch != self._ids.shape[0]:
-            raise RuntimeError("the cache's layers or batch changed: make a new GraphDecoder for it")
-        if self.layers[0].logical == self._last_logical:
-            return  # capacity or a batch edit of the same tokens (select_rows with the same rows)
-        if not self._positions_from_cache:
+            raise RuntimeError("the cache's layers or batch size changed: make a new GraphDecoder for it")
+        self._steps_left = 0  # capture again
+        if self._positions_from_cache:
+            self._pos.copy_(self.layers[0].book.seen[:, None])
+            self._cache_pos.fill_(self.layers[0].logical)
+        elif self.layers[0].logical != self._last_logical:
             raise RuntimeError(
                 "the cache took tokens outside this GraphDecoder and its position_ids were given by hand: "
                 "make a new GraphDecoder with the new positions"
             )
-        self._pos.copy_(self.layers[0].book.seen[:, None])
-        self._cache_pos.fill_(self.layers[0].logical)
 
     def _forward(self) -> torch.Tensor:
         """One decode step on the static buffers; moves the positions on in place."""
@@ -201,17 +205,20 @@ class GraphDecoder:
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ``(B, 1)`` (or ``(B,)``); returns the next-token logits ``(B, 1, V)``."""
+        if input_ids.numel() != self._ids.numel():
+            raise ValueError(
+                f"step takes one token per row of the cache's batch ({self._ids.shape[0]}), "
+                f"got input_ids of shape {tuple(input_ids.shape)}"
+            )
         self._ids.copy_(input_ids.reshape(self._ids.shape))
         with torch.inference_mode():
+            if not self._unchanged():
+                self._resync()
             if not self.enabled:
-                if self.layers[0].logical != self._last_logical:
-                    self._resync()
                 out = self._forward()
-                self._last_logical = self.layers[0].logical
+                self._remember()
                 return out
-            if self._graph is None or self._steps_left < 1 or not self._unchanged():
-                if self._graph is not None or self.layers[0].logical != self._last_logical:
-                    self._resync()
+            if self._graph is None or self._steps_left < 1:
                 self._prepare()
                 self._warm_up()  # a real step, eager: also brings every visibility mask up to date
                 self._capture()
