@@ -19,8 +19,10 @@ reads nothing back to the host. The decoder therefore
 
 Requirements: every attention layer is a DMS layer (a dense layer's ``DynamicLayer`` grows by
 concatenation), the blocked layout (paged decode allocates pages on the host), one real token per
-row per step (no ``attention_mask``). On CPU, or with ``enabled=False``, steps run eagerly with the
-same buffers, so code written against it runs anywhere.
+row per step (no ``attention_mask``). Run-time switches (``fixed_eviction``, ``eviction_disabled``)
+are part of what a graph recorded: change them between steps only with a new decoder. On CPU, or
+with ``enabled=False``, steps run eagerly with the same buffers, so code written against it runs
+anywhere.
 """
 
 from __future__ import annotations
