@@ -39,6 +39,7 @@ from common import (
     LLAMA_8B_SHAPE,
     MIB,
     RESULTS,
+    SMALL_SHAPE,
     dense_cache_bytes,
     environment,
     log,
@@ -53,16 +54,7 @@ import modelopt_dms as dms
 CACHES = ("dynamic", "static", "dms")
 RANDOM_SHAPES = {
     "tiny-llama-8b-shape": (LLAMA_8B_SHAPE, 32),
-    "tiny-random": (
-        dict(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=256,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-        ),
-        2,
-    ),
+    "tiny-random": (SMALL_SHAPE, 2),
 }
 GRAPH = "dms-graph"  # the DMS cache decoded through GraphDecoder (--graphs)
 TARGET_BYTES = 1.1  # allocated <= 1.1 x kept at >= 1K context

@@ -34,6 +34,10 @@ LLAMA_8B_SHAPE = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
 )
+# a tiny Llama-like shape (GQA 8 query / 4 KV heads) for CPU dry runs of the GPU benchmarks
+SMALL_SHAPE = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4
+)
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -41,6 +45,7 @@ __all__ = [
     "MIB",
     "PYTHON_DOCS_GLOB",
     "RESULTS",
+    "SMALL_SHAPE",
     "command_line",
     "cpu_model",
     "dense_cache_bytes",

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import LLAMA_8B_SHAPE, RESULTS, environment, log, sync, write_outputs
+from common import LLAMA_8B_SHAPE, RESULTS, SMALL_SHAPE, environment, log, sync, write_outputs
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
@@ -32,9 +32,7 @@ import modelopt_dms as dms
 
 SHAPES = {
     "llama-8b": LLAMA_8B_SHAPE,
-    "small": dict(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4
-    ),
+    "small": SMALL_SHAPE,
 }
 
 

@@ -105,6 +105,16 @@ def test_replayed_decode_equals_eager_with_padding_eviction_and_recaptures(reser
     _same_rows(cache_ref, cache)
 
 
+def test_generate_returns_the_greedy_tokens_of_eager_decoding():
+    model = dms_model(std=0.5, window=3).eval()
+    ids, mask = padded_batch([12, 7], 12, seed=8)
+    cache_ref, tok = _prefill(model, ids, mask, block_size=4)
+    ref, _ = _eager(model, cache_ref, tok, mask.sum(-1, keepdim=True), 9)
+    cache, tok = _prefill(model, ids, mask, block_size=4)
+    got = GraphDecoder(model, cache, reserve=3, graph_factory=ReplayGraph).generate(tok, 9)
+    assert torch.equal(got, torch.cat([step.argmax(-1) for step in ref], dim=-1))
+
+
 def test_a_second_turn_prefilled_between_replays_resyncs_positions_and_recaptures():
     model = dms_model(std=0.5, window=3).eval()
     ids, mask = padded_batch([12, 9], 12, seed=2)

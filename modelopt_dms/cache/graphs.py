@@ -150,7 +150,7 @@ class GraphDecoder:
         if self._positions_from_cache:
             self._pos.copy_(self.layers[0].book.seen[:, None])
             self._cache_pos.fill_(self.layers[0].logical)
-        elif self.layers[0].logical != self._last_logical:
+        elif self.layers[0].logical != self._expected[0][0][0]:  # tokens in, as last remembered
             raise RuntimeError(
                 "the cache took tokens outside this GraphDecoder and its position_ids were given by hand: "
                 "make a new GraphDecoder with the new positions"
@@ -195,13 +195,15 @@ class GraphDecoder:
 
     def _remember(self) -> None:
         self._expected = [(_host_state(layer), _tensors(layer)) for layer in self.layers]
-        self._last_logical = self.layers[0].logical
 
     def _replay(self) -> torch.Tensor:
         self._graph.replay()
-        for layer, delta in zip(self.layers, self._delta, strict=True):
-            _set_host_state(layer, tuple(s + d for s, d in zip(_host_state(layer), delta, strict=True)))
-        self._remember()
+        expected = []
+        for layer, delta, (state, ptrs) in zip(self.layers, self._delta, self._expected, strict=True):
+            state = tuple(s + d for s, d in zip(state, delta, strict=True))
+            _set_host_state(layer, state)
+            expected.append((state, ptrs))  # a replay moves no tensor
+        self._expected = expected
         self._steps_left -= 1
         return self._logits
 
@@ -222,22 +224,23 @@ class GraphDecoder:
                 return out
             if self._graph is None or self._steps_left < 1:
                 self._prepare()
-                self._warm_up()  # a real step, eager: also brings every visibility mask up to date
+                logits = self._warm_up()  # a real step, eager: also brings every visibility mask up to date
                 self._capture()
-                return self._logits_of_warm_up
+                return logits
             return self._replay()
 
-    def _warm_up(self) -> None:
-        """One eager step (on a side stream on CUDA, as capture requires)."""
+    def _warm_up(self) -> torch.Tensor:
+        """One eager step (on a side stream on CUDA, as capture requires); its logits."""
         stream = None
         if self._ids.device.type == "cuda":
             stream = torch.cuda.Stream(self._ids.device)
             stream.wait_stream(torch.cuda.current_stream(self._ids.device))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            self._logits_of_warm_up = self._forward().clone()
+            logits = self._forward().clone()
         if stream is not None:
             torch.cuda.current_stream(self._ids.device).wait_stream(stream)
         self._steps_left -= 1
+        return logits
 
     def generate(self, first: torch.Tensor, steps: int) -> torch.Tensor:
         """Greedy: feed ``first`` ``(B, 1)``, return the ``steps`` tokens chosen after it ``(B, steps)``."""
