@@ -6,8 +6,11 @@ Variants (each step: teacher + student forward, backward, optimizer; batch 1; ad
 * ``before``: the previous trainer path: eager attention (``T x T`` soft bias and softmax), full
   teacher and student logits, chunked KL, no cache;
 * ``fused``: lm_head + log-softmax + KL fused and chunked (logits memory O(chunk x V));
-* ``sdpa``: fused + the training attention in fused SDPA blocks (the CPU default);
-* ``after``: sdpa + teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond
+* ``blocks``: fused + the training attention in fused SDPA calls per block of queries, the bias
+  as an extra key channel (the CPU default until the split kernel);
+* ``split``: fused + the split training attention (the CPU default for whole rows): the window
+  band in batched matmuls, the far keys in one causal flash call, merged by log-sum-exp;
+* ``after``: split + teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond
   the window.
 
 Every (variant, sequence length) runs in its own process, so its peak RSS is its own; variants
@@ -34,7 +37,8 @@ from common import RESULTS, environment, log, write_outputs
 VARIANTS = {
     "before": {"attention": "eager", "fused_kl": False, "teacher_cache": False, "kl_beyond_window": False},
     "fused": {"attention": "eager", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
-    "sdpa": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
+    "blocks": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
+    "split": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
     "after": {"attention": "sdpa", "fused_kl": True, "teacher_cache": True, "kl_beyond_window": True},
 }
 
@@ -49,6 +53,10 @@ def worker(seq: int, variant: str, steps: int, threads: int) -> dict:
     from modelopt_dms.training.teacher_cache import TeacherCache
 
     torch.set_num_threads(threads)
+    if variant == "blocks":  # the query-block kernel for every row (no split)
+        import modelopt_dms.nn.sdpa_training as sdpa_training
+
+        sdpa_training.supports_split = lambda *args: False
     model, tok = dms.load_model("smollm2-135m")
     model = dms.apply_dms(model, {"window_size": 64, "target_compression_ratio": 4.0})
     rows = build_token_sequences(
@@ -85,12 +93,32 @@ def worker(seq: int, variant: str, steps: int, threads: int) -> dict:
     }
 
 
+def _summary(rows: list[dict]) -> list[dict]:
+    """One row per (seq, variant): median tokens/s over its processes, the largest peak RSS."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["seq"], r["variant"]), []).append(r)
+    return [
+        {
+            "seq": seq,
+            "variant": variant,
+            "processes": len(rs),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+            "tokens_per_s_each": [r["tokens_per_s"] for r in rs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "kl": statistics.mean(k for r in rs for k in r["kl"]),
+        }
+        for (seq, variant), rs in groups.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--steps", type=int, default=4, help="timed steps per (variant, length)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--rounds", type=int, default=1, help="processes per (variant, length), interleaved")
     p.add_argument("--worker", nargs=2, metavar=("SEQ", "VARIANT"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "train" / "train_bench.json")
     args = p.parse_args(argv)
@@ -99,35 +127,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment()
     rows = []
-    for seq in args.seqs:
-        for variant in args.variants:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                str(seq),
-                variant,
-                "--steps",
-                str(args.steps),
-                "--threads",
-                str(args.threads),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(rec)
-            speed, peak = rec["tokens_per_s"], rec["peak_rss_mib"]
-            log(f"seq {seq:5d} {variant:6s}: {speed:8.1f} tok/s, peak RSS {peak:.0f} MiB")
-    by = {(r["seq"], r["variant"]): r for r in rows}
+    for seq, rnd, variant in (
+        (seq, rnd, v) for seq in args.seqs for rnd in range(args.rounds) for v in args.variants
+    ):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(seq),
+            variant,
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rec = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": rnd}
+        rows.append(rec)
+        speed, peak = rec["tokens_per_s"], rec["peak_rss_mib"]
+        log(f"seq {seq:5d} {variant:6s} round {rnd}: {speed:8.1f} tok/s, peak RSS {peak:.0f} MiB")
+    summary = _summary(rows)
+    by = {(r["seq"], r["variant"]): r for r in summary}
     lines = [
-        "| seq | variant | tokens/s | x before | peak RSS MiB | KL (timed steps, mean) |",
+        "| seq | variant | tokens/s (median of processes) | x before | peak RSS MiB | KL (timed steps) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in summary:
         base = by.get((r["seq"], "before"))
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         cells = [r["seq"], r["variant"], f"{r['tokens_per_s']:.1f}", f"{speed:.2f}"]
         cells.append(f"{r['peak_rss_mib']:.0f}")
-        lines.append("| " + " | ".join(map(str, cells)) + f" | {statistics.mean(r['kl']):.4f} |")
+        lines.append("| " + " | ".join(map(str, cells)) + f" | {r['kl']:.4f} |")
     table = "\n".join(lines)
     log("\n" + table)
     head = f"# Trainer speed and memory, SmolLM2-135M, {env['threads']} threads"
@@ -141,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for v in args.variants:
-            sub = [r for r in rows if r["variant"] == v]
+            sub = [r for r in summary if r["variant"] == v]
             axes[0].plot([r["seq"] for r in sub], [r["tokens_per_s"] for r in sub], "o-", label=v)
             axes[1].plot([r["seq"] for r in sub], [r["peak_rss_mib"] for r in sub], "s-", label=v)
         axes[0].set(xlabel="sequence length", ylabel="tokens/s", title="training speed")
@@ -153,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
-    paths = write_outputs(args.out.parent, args.out.stem, {"environment": env, "rows": rows}, md, plot)
+    data = {"environment": env, "rows": rows, "summary": summary}
+    paths = write_outputs(args.out.parent, args.out.stem, data, md, plot)
     log("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
