@@ -6,11 +6,8 @@ Variants (each step: teacher + student forward, backward, optimizer; batch 1; ad
 * ``before``: the previous trainer path: eager attention (``T x T`` soft bias and softmax), full
   teacher and student logits, chunked KL, no cache;
 * ``fused``: lm_head + log-softmax + KL fused and chunked (logits memory O(chunk x V));
-* ``blocks``: fused + the training attention in fused SDPA calls per block of queries, the bias
-  as an extra key channel (the CPU default until the split kernel);
-* ``split``: fused + the split training attention (the CPU default for whole rows): the window
-  band in batched matmuls, the far keys in one causal flash call, merged by log-sum-exp;
-* ``after``: split + teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond
+* ``sdpa``: fused + the training attention in fused SDPA blocks (the CPU default);
+* ``after``: sdpa + teacher top-64 cache (warm: filled by a first epoch, not timed) + KL beyond
   the window.
 
 Every (variant, sequence length) runs in its own process, so its peak RSS is its own; variants
@@ -37,8 +34,7 @@ from common import RESULTS, environment, log, write_outputs
 VARIANTS = {
     "before": {"attention": "eager", "fused_kl": False, "teacher_cache": False, "kl_beyond_window": False},
     "fused": {"attention": "eager", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
-    "blocks": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
-    "split": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
+    "sdpa": {"attention": "sdpa", "fused_kl": True, "teacher_cache": False, "kl_beyond_window": False},
     "after": {"attention": "sdpa", "fused_kl": True, "teacher_cache": True, "kl_beyond_window": True},
 }
 
@@ -53,10 +49,6 @@ def worker(seq: int, variant: str, steps: int, threads: int) -> dict:
     from modelopt_dms.training.teacher_cache import TeacherCache
 
     torch.set_num_threads(threads)
-    if variant == "blocks":  # the query-block kernel for every row (no split)
-        import modelopt_dms.nn.sdpa_training as sdpa_training
-
-        sdpa_training.supports_split = lambda *args: False
     model, tok = dms.load_model("smollm2-135m")
     model = dms.apply_dms(model, {"window_size": 64, "target_compression_ratio": 4.0})
     rows = build_token_sequences(

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .masks import _row_offsets, log_keep_probability
-from .split_training import split_training_attention, supports_split
 
 __all__ = ["sdpa_training_attention"]
 
@@ -41,20 +40,15 @@ def sdpa_training_attention(
     visible: torch.Tensor | None,
     valid: torch.Tensor | None,
     cont: torch.Tensor | None,
-    split: bool = True,
 ) -> torch.Tensor:
     """The soft-eviction training attention; returns ``(B, T, Hq, D)``.
 
     ``z``: ``(B, Hkv, T)`` relaxed decision logits; ``visible``: the model's mask as ``(B, 1, T, T)``
     booleans (None: causal); ``valid``: ``(B, T)`` real tokens; ``cont``: where packed documents end.
-    Queries that see no key (padding) return zeros, as in the eager kernel. Whole real rows on the
-    CPU go to :func:`~modelopt_dms.nn.split_training.split_training_attention` (``split=False``:
-    the query blocks below, which handle every mask).
+    Queries that see no key (padding) return zeros, as in the eager kernel.
     """
     bsz, num_q, t, dim = query.shape
     log_keep = log_keep_probability(z, valid, cont)  # (B, Hkv, T); pending: 0
-    if split and supports_split(query, window, visible, valid, cont):
-        return split_training_attention(query, key, value, log_keep, window, scaling)
     channel = (log_keep / scaling).to(key.dtype)[..., None]
     q_x = torch.cat([query, query.new_ones(bsz, num_q, t, 1)], dim=-1)
     far_k = torch.cat([key, channel], dim=-1)
