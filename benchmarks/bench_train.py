@@ -20,6 +20,7 @@ alternate per length. Prints a table and writes ``benchmarks/results/train/train
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -119,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment()
     rows = []
-    for seq, rnd, variant in (
-        (seq, rnd, v) for seq in args.seqs for rnd in range(args.rounds) for v in args.variants
-    ):
+    for seq, rnd, variant in itertools.product(args.seqs, range(args.rounds), args.variants):
         cmd = [
             sys.executable,
             __file__,

@@ -147,10 +147,11 @@ class GraphDecoder:
         if not same or layers[0].book.batch != self._ids.shape[0]:
             raise RuntimeError("the cache's layers or batch size changed: make a new GraphDecoder for it")
         self._steps_left = 0  # capture again
+        (remembered_logical, *_), _ = self._expected[0]  # tokens in, as last remembered
         if self._positions_from_cache:
             self._pos.copy_(self.layers[0].book.seen[:, None])
             self._cache_pos.fill_(self.layers[0].logical)
-        elif self.layers[0].logical != self._expected[0][0][0]:  # tokens in, as last remembered
+        elif self.layers[0].logical != remembered_logical:
             raise RuntimeError(
                 "the cache took tokens outside this GraphDecoder and its position_ids were given by hand: "
                 "make a new GraphDecoder with the new positions"
