@@ -175,8 +175,10 @@ def _train_seconds(run_dir: Path, tokens_per_step: int) -> float:
     log_file = run_dir / "train_log.jsonl"
     if not log_file.exists():
         return 0.0
+    from modelopt_dms.training.trainer import training_seconds
+
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    return sum(tokens_per_step / r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+    return training_seconds(rows, tokens_per_step)
 
 
 def _tensors_digest(path: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..training.packing import PackedRows, pack_documents
 from ..training.recipe import TrainRecipe, load_train_recipe
 from ..training.run_folder import RunFolder, run_fingerprint
 from ..training.teacher_cache import TeacherCache, teacher_cache_folder
-from ..training.trainer import train
+from ..training.trainer import train, training_seconds
 from .export import ExportPlan, check_export_space, run_export_plan
 
 __all__ = ["data_rows", "export_plan_of", "preflight", "run_recipe"]
@@ -178,9 +177,7 @@ def _train_in(
         folder = teacher_cache_folder(Path(recipe.data.cache_dir) / "teacher", key, rows, cfg.teacher_topk)
         cache = TeacherCache(folder, cfg.teacher_topk)
         log(f"[teacher] top-{cfg.teacher_topk} teacher cache in {folder}")
-    t0 = time.time()
     history = train(model, seqs, cfg, out_dir, progress=progress, teacher_cache=cache)
-    elapsed = time.time() - t0
     if rank != 0:
         return {"rank": rank}
     if not cfg.train_all_weights:  # all weights trained: only the exported model is the trained one
@@ -195,11 +192,12 @@ def _train_in(
         calib_batches=lambda: [ids[i : i + 1] for i in range(min(calib, ids.shape[0]))],
         log=log,
     )
+    tokens_per_step = cfg.grad_accum * cfg.batch_size * seqs.shape[1]
     summary = {
         "recipe": path,
         "steps": cfg.steps,
-        "train_seconds": round(elapsed, 1),
-        "tokens": cfg.steps * cfg.grad_accum * cfg.batch_size * seqs.shape[1],
+        "train_seconds": round(training_seconds(history, tokens_per_step), 1),  # every session's steps
+        "tokens": cfg.steps * tokens_per_step,
         "final": history[-1] if history else None,
         "adapters": None if cfg.train_all_weights else str(recipe.output.adapters_path),
         **exported,

@@ -37,7 +37,7 @@ from .packing import PackedRows, row_inputs
 from .selection import drop_snapshots_after, snapshot_path
 from .teacher import teacher_mode
 
-__all__ = ["TrainingDivergedError", "train"]
+__all__ = ["TrainingDivergedError", "train", "training_seconds"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -180,6 +180,18 @@ def _losses(
     return kl + config.compression_weight * comp, kl, comp, rates.mean()
 
 
+def training_seconds(history: list[dict], tokens_per_step: int) -> float:
+    """Wall time of the steps in ``history`` (every session of a resumed run), from their records.
+
+    Records written before steps carried ``seconds`` fall back to ``tokens_per_step / tokens_per_s``.
+    """
+    return sum(
+        r["seconds"] if "seconds" in r else tokens_per_step / r["tokens_per_s"]
+        for r in history
+        if r.get("seconds") or r.get("tokens_per_s")
+    )
+
+
 def train(
     model: nn.Module,
     sequences: torch.Tensor | PackedRows,
@@ -293,6 +305,7 @@ def train(
                 "target_eviction_rate": round(f_target, 6),
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
+                "seconds": round(time.time() - t0, 3),
             }
             history.append(rec)
             checkpoint_now = config.checkpoint_every and (
