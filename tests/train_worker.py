@@ -27,7 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import modelopt_dms as dms  # noqa: E402
 from modelopt_dms.training import trainer as trainer_mod  # noqa: E402
-from modelopt_dms.training.devices import init_process_group, resolve_device  # noqa: E402
+from modelopt_dms.training.devices import close_process_group, init_process_group, resolve_device  # noqa: E402
 
 N_SEQ, SEQ_LEN, VOCAB = 16, 32, 128
 
@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         save_file(adapter_state(model), final)
         print(json.dumps({"steps_logged": len(history), "final": final}), flush=True)
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+        del model, history  # the FSDP model's DTensors hold the process group's mesh
+        close_process_group()
     return 0
 
 

@@ -20,7 +20,7 @@ from ..nn.lora import merge_lora
 from ..outputs import OutputError, ensure_writable_parent, user_path
 from ..schema import RecipeError
 from ..training.chat_data import mix_chat_sequences
-from ..training.devices import init_process_group, resolve_device
+from ..training.devices import close_process_group, init_process_group, resolve_device
 from ..training.packing import PackedRows, pack_documents
 from ..training.recipe import TrainRecipe, load_train_recipe
 from ..training.run_folder import RunFolder, run_fingerprint
@@ -101,9 +101,12 @@ def run_recipe(
     if rank == 0:
         folder.open()
     try:
-        return _train_in(recipe, path, str(out_dir), rank, device, progress, log)
+        summary = _train_in(recipe, path, str(out_dir), rank, device, progress, log)
     finally:
         folder.close()
+    if world_size > 1:
+        close_process_group()  # the model is gone with _train_in's frame
+    return summary
 
 
 def data_rows(

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["init_process_group", "resolve_device"]
+__all__ = ["close_process_group", "init_process_group", "resolve_device"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -36,3 +36,19 @@ def init_process_group(device: torch.device) -> tuple[int, int]:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, int(os.environ.get("RANK", "0"))
+
+
+def close_process_group() -> None:
+    """End a torchrun launch cleanly: wait for every rank, then destroy the process group.
+
+    Call it once nothing holds sharded tensors any more (an FSDP model's DTensors keep the group's
+    mesh alive); a group left to interpreter shutdown can abort a rank after its work is done.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # cycles that still hold DTensors (and through them the mesh)
+        dist.barrier()
+        dist.destroy_process_group()
