@@ -244,7 +244,7 @@ def test_run_tiny_recipe_end_to_end(tiny_workdir, capsys):
     assert again["final"] == summary["final"]
     # the training time is the run's steps', not this (empty) session's
     assert summary["train_seconds"] > 0
-    assert again["train_seconds"] == summary["train_seconds"] == round(sum(r["seconds"] for r in log), 1)
+    assert again["train_seconds"] == summary["train_seconds"] == round(sum(r["seconds"] for r in log), 3)
     assert [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] == log
 
 

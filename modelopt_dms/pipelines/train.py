@@ -199,7 +199,7 @@ def _train_in(
     summary = {
         "recipe": path,
         "steps": cfg.steps,
-        "train_seconds": round(training_seconds(history, tokens_per_step), 1),  # every session's steps
+        "train_seconds": round(training_seconds(history, tokens_per_step), 3),  # every session's steps
         "tokens": cfg.steps * tokens_per_step,
         "final": history[-1] if history else None,
         "adapters": None if cfg.train_all_weights else str(recipe.output.adapters_path),
