@@ -86,6 +86,7 @@ def run_recipe(
     """
     recipe = load_train_recipe(path)
     device = resolve_device(recipe.model.device)
+    caller_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     world_size, rank = init_process_group(device)
     # model.device says where to run, not what is computed: it is not part of the fingerprint
     preflight(recipe)
@@ -104,7 +105,7 @@ def run_recipe(
         summary = _train_in(recipe, path, str(out_dir), rank, device, progress, log)
     finally:
         folder.close()
-    if world_size > 1:
+    if world_size > 1 and not caller_group:  # a group the caller made is the caller's to close
         close_process_group()  # the model is gone with _train_in's frame
     return summary
 

@@ -292,6 +292,7 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            elapsed = time.time() - t0
             tokens = world_size * config.grad_accum * config.batch_size * sequences.shape[1]
             rec = {
                 "step": step + 1,
@@ -304,8 +305,8 @@ def train(
                 ),
                 "target_eviction_rate": round(f_target, 6),
                 "grad_norm": float(grad_norm),
-                "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
-                "seconds": round(time.time() - t0, 3),
+                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                "seconds": round(elapsed, 3),
             }
             history.append(rec)
             checkpoint_now = config.checkpoint_every and (
