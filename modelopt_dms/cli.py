@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="then move the decision threshold (logit_offset) so the CR on those rows is just above target",
     )
     sel.add_argument("--margin", type=float, default=0.05, help="calibrate to target x (1 + margin)")
+    sel.add_argument(
+        "--from-step", type=int, default=0,
+        help="score only the snapshots at this step or later (those a longer run added)",
+    )
 
     exp = sub.add_parser("export", help="export a DMS model (optionally FP8) as a deployable checkpoint")
     exp.add_argument("--model", default="smollm2-135m", help="name, local HF directory or .gguf file")
@@ -98,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "select":
         select_from_recipe(
             args.recipe, args.target, args.out, args.context, args.rows, log=_log,
-            calibrate=args.calibrate, margin=args.margin,
+            calibrate=args.calibrate, margin=args.margin, from_step=args.from_step,
         )
     elif args.command == "export":
         export_model(

@@ -188,3 +188,18 @@ def test_snapshots_can_be_turned_on_in_a_running_run(snapshot_run):
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["run", str(recipe), "--no-progress"]) == 0
     assert [s for s, _ in list_snapshots(root / "run")] == [2, 4, 6, 8]
+
+
+def test_select_from_step_scores_only_the_later_snapshots(snapshot_run, capsys):
+    """A run made longer: ``--from-step`` scores only the snapshots it added; past the last, a clear error."""
+    root, recipe = snapshot_run
+    out = root / "chosen"
+    args = ["select", str(recipe), "--target", "1.0", "--context", "64"]
+    assert main([*args, "--out", str(out), "--from-step", "4"]) == 0
+    record = json.loads((root / "run" / "selection_cr1.json").read_text())
+    assert [s["step"] for s in record["snapshots"]] == [4, 6] and record["from_step"] == 4
+    assert record["chosen"]["step"] in (4, 6)
+    capsys.readouterr()
+    assert main([*args, "--out", str(root / "none"), "--from-step", "7"]) == 2
+    assert "no snapshot at step >= 7 (the last is step 6): lower --from-step" in capsys.readouterr().err
+    assert not (root / "none").exists()

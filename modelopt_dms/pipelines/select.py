@@ -42,9 +42,12 @@ def select_from_recipe(
     log: Callable[[str], None] = print,
     calibrate: bool = False,
     margin: float = 0.05,
+    from_step: int = 0,
 ) -> dict[str, Any]:
     """Score the snapshots of the recipe's run, save the chosen adapters to ``out``; returns the record.
 
+    ``from_step``: score only the snapshots at this step or later (a run made longer: the earlier
+    ones were scored by the previous selection, whose record holds their numbers).
     ``calibrate``: then move the chosen heads' decision threshold (``logit_offset``) so that their
     CR on the same rows is just above ``target x (1 + margin)``
     (:func:`~modelopt_dms.training.calibration.calibrate_decision_offset`); the artifact records it.
@@ -62,6 +65,11 @@ def select_from_recipe(
             f"{run_dir} has no adapter snapshots: set train.snapshot_every (e.g. 25) in {recipe_path}, "
             "run it, then select."
         )
+    if snapshots[-1][0] < from_step:
+        raise ValueError(
+            f"{run_dir} has no snapshot at step >= {from_step} (the last is step {snapshots[-1][0]}): "
+            "lower --from-step."
+        )
     out_path = user_path(out)
     ensure_writable_parent(out_path, "--out")
     model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
@@ -70,7 +78,7 @@ def select_from_recipe(
     log(f"[select] {len(snapshots)} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
     window = recipe.dms.window_size
-    choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference)
+    choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference, from_step)
     calibration = None
     if calibrate:  # ``model`` holds the chosen snapshot now
         calibration = calibrate_decision_offset(model, ids, target, window, reference, margin, log=log)
@@ -81,6 +89,7 @@ def select_from_recipe(
         "target_compression_ratio": target,
         "context": context,
         "rows": rows,
+        "from_step": from_step,
         "rule": "lowest KL (past the window) among snapshots whose achieved CR >= target",
         "chosen": choice.to_dict(),
         "snapshots": [s.to_dict() for s in scores],

@@ -137,18 +137,27 @@ def select_snapshot(
     window: int,
     log: Callable[[str], None] = print,
     reference: list[torch.Tensor] | None = None,
+    from_step: int = 0,
 ) -> tuple[SnapshotScore, list[SnapshotScore]]:
-    """Score every snapshot of ``run_dir`` on ``rows`` and pick one for ``target`` (see the module doc).
+    """Score the snapshots of ``run_dir`` on ``rows`` and pick one for ``target`` (see the module doc).
 
     ``model``: the base model with the run's DMS config applied (adapters are loaded into it in
     turn; it ends holding the chosen snapshot's adapters). ``reference``: the base model's
-    uncompressed logits on ``rows`` (computed here if None). Returns ``(choice, all scores)``.
+    uncompressed logits on ``rows`` (computed here if None). ``from_step``: score only the
+    snapshots at this step or later (those a longer run added). Returns ``(choice, all scores)``.
     """
     snapshots = list_snapshots(run_dir)
     if not snapshots:
         raise ValueError(
             f"{run_dir} has no adapter snapshots: train with train.snapshot_every > 0 (e.g. 25), then select."
         )
+    later = [(s, f) for s, f in snapshots if s >= from_step]
+    if not later:
+        raise ValueError(
+            f"{run_dir} has no snapshot at step >= {from_step} (the last is step {snapshots[-1][0]}): "
+            "lower --from-step."
+        )
+    snapshots = later
     # the uncompressed reference from the base weights, before any snapshot (LoRA) changes them
     if reference is None:
         reference = uncompressed_logits(model, rows)
