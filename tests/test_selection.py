@@ -199,7 +199,7 @@ def test_select_from_step_scores_only_the_later_snapshots(snapshot_run, capsys):
     record = json.loads((root / "run" / "selection_cr1.json").read_text())
     assert [s["step"] for s in record["snapshots"]] == [4, 6] and record["from_step"] == 4
     assert record["chosen"]["step"] in (4, 6)
-    capsys.readouterr()
+    assert "[select] 2 snapshots of" in capsys.readouterr().out
     assert main([*args, "--out", str(root / "none"), "--from-step", "7"]) == 2
     assert "no snapshot at step >= 7 (the last is step 6): lower --from-step" in capsys.readouterr().err
     assert not (root / "none").exists()

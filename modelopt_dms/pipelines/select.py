@@ -75,7 +75,8 @@ def select_from_recipe(
     model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     model = apply_dms(model, recipe.dms)
     ids = selection_rows(recipe, tok, context, rows)
-    log(f"[select] {len(snapshots)} snapshots of {run_dir} on {rows} x {context} training-split tokens")
+    scored = sum(step >= from_step for step, _ in snapshots)
+    log(f"[select] {scored} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
     window = recipe.dms.window_size
     choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference, from_step)
