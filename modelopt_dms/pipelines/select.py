@@ -16,7 +16,7 @@ from ..model_dms import apply_dms, dms_config
 from ..outputs import ensure_writable_parent, user_path
 from ..training.calibration import calibrate_decision_offset
 from ..training.recipe import load_train_recipe
-from ..training.selection import list_snapshots, select_snapshot, uncompressed_logits
+from ..training.selection import list_snapshots, select_snapshot, snapshots_to_score, uncompressed_logits
 from .train import data_rows
 
 __all__ = ["selection_rows", "select_from_recipe"]
@@ -59,23 +59,17 @@ def select_from_recipe(
         raise ValueError(f"--target is a compression ratio >= 1, got {target}")
     recipe = load_train_recipe(recipe_path)
     run_dir = user_path(recipe.output.dir)
-    snapshots = list_snapshots(run_dir)
-    if not snapshots:  # before loading the model
+    if not list_snapshots(run_dir):  # before loading the model (this message names the recipe)
         raise ValueError(
             f"{run_dir} has no adapter snapshots: set train.snapshot_every (e.g. 25) in {recipe_path}, "
             "run it, then select."
         )
-    if snapshots[-1][0] < from_step:
-        raise ValueError(
-            f"{run_dir} has no snapshot at step >= {from_step} (the last is step {snapshots[-1][0]}): "
-            "lower --from-step."
-        )
+    scored = len(snapshots_to_score(run_dir, from_step))  # a --from-step past the last: refused here
     out_path = user_path(out)
     ensure_writable_parent(out_path, "--out")
     model, tok = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     model = apply_dms(model, recipe.dms)
     ids = selection_rows(recipe, tok, context, rows)
-    scored = sum(step >= from_step for step, _ in snapshots)
     log(f"[select] {scored} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
     window = recipe.dms.window_size

@@ -35,6 +35,7 @@ __all__ = [
     "score_snapshot",
     "select_snapshot",
     "snapshot_path",
+    "snapshots_to_score",
     "uncompressed_logits",
 ]
 
@@ -58,6 +59,22 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def snapshots_to_score(run_dir: str | os.PathLike, from_step: int = 0) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of the run's snapshots at ``from_step`` or later; a clear error if none."""
+    snapshots = list_snapshots(run_dir)
+    if not snapshots:
+        raise ValueError(
+            f"{run_dir} has no adapter snapshots: train with train.snapshot_every > 0 (e.g. 25), then select."
+        )
+    later = [(step, folder) for step, folder in snapshots if step >= from_step]
+    if not later:
+        raise ValueError(
+            f"{run_dir} has no snapshot at step >= {from_step} (the last is step {snapshots[-1][0]}): "
+            "lower --from-step."
+        )
+    return later
 
 
 def drop_snapshots_after(run_dir: str | os.PathLike, step: int) -> list[int]:
@@ -146,18 +163,7 @@ def select_snapshot(
     uncompressed logits on ``rows`` (computed here if None). ``from_step``: score only the
     snapshots at this step or later (those a longer run added). Returns ``(choice, all scores)``.
     """
-    snapshots = list_snapshots(run_dir)
-    if not snapshots:
-        raise ValueError(
-            f"{run_dir} has no adapter snapshots: train with train.snapshot_every > 0 (e.g. 25), then select."
-        )
-    later = [(s, f) for s, f in snapshots if s >= from_step]
-    if not later:
-        raise ValueError(
-            f"{run_dir} has no snapshot at step >= {from_step} (the last is step {snapshots[-1][0]}): "
-            "lower --from-step."
-        )
-    snapshots = later
+    snapshots = snapshots_to_score(run_dir, from_step)
     # the uncompressed reference from the base weights, before any snapshot (LoRA) changes them
     if reference is None:
         reference = uncompressed_logits(model, rows)
