@@ -56,6 +56,7 @@ __all__ = [
     "ADAPTERS_SAFETENSORS",
     "check_adapters",
     "copy_adapters",
+    "init_trainable_from",
     "load_adapters",
     "save_adapters",
 ]
@@ -479,3 +480,69 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for weight, a, b, scale in lora_plan:
         fold_delta(weight, a, b, scale)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- warm start
+def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Start a model in training from an artifact: its DMS parameters and LoRA deltas take the saved values.
+
+    Unlike :func:`load_adapters` nothing is merged: the saved deltas become the starting values of the
+    deltas attached for training (``train.lora_rank`` with the saved rank and alpha), so the run goes on
+    training them and its artifact still fits the original base weights. An artifact without deltas
+    leaves attached deltas at their zero start. Everything is checked before anything changes.
+
+    Returns the artifact's record. Raises ValueError naming the problem and the fix: another DMS
+    config (e.g. a calibrated ``logit_offset``), other layers or shapes, deltas the model has no room
+    for, or deltas trained on other base weights.
+    """
+    where = user_path(path)
+    record, tensors = _read_artifact(where)
+    saved_config = _normalise_config(record["dms_config"], where)
+    current = _current_config(model)
+    diffs = {k: (v, current.get(k)) for k, v in saved_config.items() if v != current.get(k)}
+    if diffs:
+        text = ", ".join(f"{k}: saved {s!r} vs run {c!r}" for k, (s, c) in sorted(diffs.items()))
+        raise ValueError(
+            f"train.init_adapters {where} was saved with another DMS config than this run's ({text}): set "
+            "the recipe's dms section to the saved values, or start from an artifact of the same config (a "
+            "run's snapshot, not a calibrated artifact)."
+        )
+    saved_lora = {n: t for n, t in tensors.items() if _is_lora(n)}
+    _check_against(model, record, {n: t for n, t in tensors.items() if not _is_lora(n)}, where)
+    deltas = lora_deltas(model)
+    if saved_lora:
+        lora = record.get("lora") or {}
+        if not deltas:
+            raise ValueError(
+                f"train.init_adapters {where} holds rank-{lora.get('rank')} LoRA deltas but this run trains "
+                f"none: set train.lora_rank: {lora.get('rank')} (and lora_alpha: {lora.get('alpha')})."
+            )
+        weights = dict(model.named_parameters())
+        first = next(iter(deltas.values()))
+        mine = {
+            "rank": int(first.lora_a.shape[0]),
+            "scale": float(first.scale),
+            "tensors": {n for n in weights if _is_lora(n)},
+        }
+        if (lora.get("rank"), lora.get("scale"), set(saved_lora)) != (
+            mine["rank"],
+            mine["scale"],
+            mine["tensors"],
+        ):
+            raise ValueError(
+                f"The LoRA deltas in {where} (rank {lora.get('rank')}, alpha {lora.get('alpha')}, targets "
+                f"{lora.get('targets')}) differ from the ones this run attaches (rank {mine['rank']}, scale "
+                f"{mine['scale']}): set train.lora_rank, lora_alpha and lora_targets to the saved values."
+            )
+        if base_weights_digest({w: weights[w] for w in deltas}) != lora.get("base_weights_sha256"):
+            raise ValueError(
+                f"The LoRA deltas in {where} were trained on other base weights than this run's model "
+                "(the digest of its attention projections differs): start from adapters trained on "
+                "the same model.name_or_path and dtype."
+            )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = params[name]
+            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    return record

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..corpus import build_documents, build_mixture_documents, build_mixture_sequences, build_token_sequences
-from ..export.adapters import save_adapters
+from ..export.adapters import check_adapters, save_adapters
 from ..export.hf_checkpoint import check_export_target
 from ..export.onnx import check_onnx_target
 from ..fileio import atomic_write_json
@@ -70,6 +70,8 @@ def preflight(recipe: TrainRecipe) -> None:
     if adapters.exists() and not adapters.is_dir():
         raise OutputError(f"output.adapters_dir {adapters} exists and is not a folder; choose another one.")
     ensure_writable_parent(adapters, "output.adapters_dir")
+    if recipe.schedule.init_adapters:  # the artifact is readable before any model is loaded
+        check_adapters(recipe.schedule.init_adapters)
     plan = export_plan_of(recipe)
     if plan.hf_dir:
         check_export_target(plan.hf_dir, plan.overwrite)

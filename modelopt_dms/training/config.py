@@ -56,6 +56,9 @@ class TrainConfig(Section):
     # can pick the step at a target CR (overshoot the target with cr_end, then select)
     snapshot_every: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
+    # warm start: a run that starts (not one that resumes) takes its DMS parameters and LoRA deltas
+    # from this adapters artifact (another run's snapshot or adapters), e.g. to go on on new text
+    init_adapters: str | None = None
     resume: bool = True  # false: start over in output.dir (its run's checkpoint and log are replaced)
 
     @model_validator(mode="after")

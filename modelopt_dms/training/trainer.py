@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..export.adapters import save_adapters
+from ..export.adapters import init_trainable_from, save_adapters
 from ..fileio import TEMP_MARK, atomic_write_json
 from ..model_dms import dms_config, dms_modules, eviction_rate, set_step
 from ..nn.attention import ADAPTER_ATTR
@@ -209,6 +209,8 @@ def train(
     of ranks and accumulation steps, computes exactly the same. Returns the per-step history, also
     appended to ``out_dir/train_log.jsonl``.
 
+    With ``config.init_adapters`` a run that starts (not one that resumes) takes its DMS parameters and
+    LoRA deltas from that artifact (a warm start: :func:`~modelopt_dms.export.adapters.init_trainable_from`).
     With ``config.lora_rank`` the LoRA deltas stay attached when it returns (``save_adapters`` saves
     them); call :func:`modelopt_dms.nn.lora.merge_lora` before ``mto.save`` or an export.
     """
@@ -223,6 +225,11 @@ def train(
     compute_dtype = next(model.parameters()).dtype
     # every weight trains: the teacher is the model as it came in (before resuming or sharding)
     teacher_model = frozen_teacher(model) if config.train_all_weights else None
+    if config.lora_rank and not has_lora(model):  # before the warm start, the optimizer and a checkpoint load
+        attach_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+    resuming = resume and latest_checkpoint(out_dir) is not None
+    if config.init_adapters and not resuming:  # a resumed run's checkpoint holds where it got to
+        init_trainable_from(model, config.init_adapters)
     sharding = {}
     if config.fsdp and not is_sharded(model):
         _upcast_trainable(_trainable(model, config.train_all_weights))  # dtype and requires_grad first
@@ -230,8 +237,6 @@ def train(
         shard_model(model)
         local = sum(p.to_local().numel() for p in model.parameters())
         sharding = {"params_total": total, "params_local_rank0": local}
-    if config.lora_rank and not has_lora(model):  # before the optimizer and the checkpoint load
-        attach_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     params = _trainable(model, config.train_all_weights)
     _upcast_trainable(params)
     if config.gradient_checkpointing:
@@ -249,7 +254,7 @@ def train(
     for stale in os.listdir(out_dir):  # temp folders of checkpoint saves that were killed midway
         if stale.startswith(f".checkpoint{TEMP_MARK}"):
             shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-    if resume and latest_checkpoint(out_dir) is not None:
+    if resuming:
         start, history = load_checkpoint(out_dir, model, opt)
     if world()[1] == 0:
         drop_snapshots_after(out_dir, start)  # written past the checkpoint (or by a run started over)
