@@ -105,6 +105,12 @@ def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, record
 
 
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], what: str) -> str:
+    """``"key: saved X vs <what> Y, ..."`` for every DMS config key that differs ("" if none)."""
+    diffs = sorted((k, v, current.get(k)) for k, v in saved.items() if v != current.get(k))
+    return ", ".join(f"{k}: saved {s!r} vs {what} {c!r}" for k, s, c in diffs)
+
+
 def _layers(model: nn.Module) -> list[int]:
     return [int(m.layer_idx) for m in dms_modules(model)]
 
@@ -450,10 +456,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
 
     if is_dms_model(model):
-        current = _current_config(model)
-        diffs = {k: (v, current.get(k)) for k, v in saved_config.items() if v != current.get(k)}
-        if diffs:
-            text = ", ".join(f"{k}: saved {s!r} vs model {c!r}" for k, (s, c) in sorted(diffs.items()))
+        text = _config_differences(saved_config, _current_config(model), "model")
+        if text:
             raise ValueError(
                 f"The model already has DMS with a different config than the adapters in {where} ({text}). "
                 "Load the adapters onto a model without DMS (load_adapters applies the saved config), or "
@@ -498,10 +502,8 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
     where = user_path(path)
     record, tensors = _read_artifact(where)
     saved_config = _normalise_config(record["dms_config"], where)
-    current = _current_config(model)
-    diffs = {k: (v, current.get(k)) for k, v in saved_config.items() if v != current.get(k)}
-    if diffs:
-        text = ", ".join(f"{k}: saved {s!r} vs run {c!r}" for k, (s, c) in sorted(diffs.items()))
+    text = _config_differences(saved_config, _current_config(model), "run")
+    if text:
         raise ValueError(
             f"train.init_adapters {where} was saved with another DMS config than this run's ({text}): set "
             "the recipe's dms section to the saved values, or start from an artifact of the same config (a "
