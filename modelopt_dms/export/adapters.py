@@ -86,23 +86,30 @@ def _is_lora(name: str) -> bool:
     return LORA_ATTR in name.split(".")
 
 
-def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The attached LoRA deltas as tensors, and the artifact's ``"lora"`` entry (None without)."""
+def _lora_entry(model: nn.Module) -> dict[str, Any] | None:
+    """The artifact's ``"lora"`` entry for the attached deltas: rank, alpha, scale, targets, base digest."""
     deltas = lora_deltas(model)
     if not deltas:
-        return {}, None
+        return None
     weights = dict(model.named_parameters())
-    tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in weights.items() if _is_lora(n)}
     first = next(iter(deltas.values()))
-    targets = sorted({w.rsplit(".", 2)[-2] for w in deltas})
-    record = {
+    return {
         "rank": int(first.lora_a.shape[0]),
         "alpha": float(first.scale * first.lora_a.shape[0]),
         "scale": float(first.scale),
-        "targets": targets,
+        "targets": sorted({w.rsplit(".", 2)[-2] for w in deltas}),
         "base_weights_sha256": base_weights_digest({w: weights[w] for w in deltas}),
     }
-    return tensors, record
+
+
+def _lora_record(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The attached LoRA deltas as tensors, and the artifact's ``"lora"`` entry (None without)."""
+    entry = _lora_entry(model)
+    if entry is None:
+        return {}, None
+    named = model.named_parameters()
+    tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in named if _is_lora(n)}
+    return tensors, entry
 
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], what: str) -> str:
@@ -511,32 +518,23 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
         )
     saved_lora = {n: t for n, t in tensors.items() if _is_lora(n)}
     _check_against(model, record, {n: t for n, t in tensors.items() if not _is_lora(n)}, where)
-    deltas = lora_deltas(model)
     if saved_lora:
         lora = record.get("lora") or {}
-        if not deltas:
+        mine = _lora_entry(model)
+        if mine is None:
             raise ValueError(
                 f"train.init_adapters {where} holds rank-{lora.get('rank')} LoRA deltas but this run trains "
                 f"none: set train.lora_rank: {lora.get('rank')} (and lora_alpha: {lora.get('alpha')})."
             )
-        weights = dict(model.named_parameters())
-        first = next(iter(deltas.values()))
-        mine = {
-            "rank": int(first.lora_a.shape[0]),
-            "scale": float(first.scale),
-            "tensors": {n for n in weights if _is_lora(n)},
-        }
-        if (lora.get("rank"), lora.get("scale"), set(saved_lora)) != (
-            mine["rank"],
-            mine["scale"],
-            mine["tensors"],
-        ):
+        attached = {n for n, _ in model.named_parameters() if _is_lora(n)}
+        if (lora.get("rank"), lora.get("scale"), set(saved_lora)) != (mine["rank"], mine["scale"], attached):
             raise ValueError(
                 f"The LoRA deltas in {where} (rank {lora.get('rank')}, alpha {lora.get('alpha')}, targets "
-                f"{lora.get('targets')}) differ from the ones this run attaches (rank {mine['rank']}, scale "
-                f"{mine['scale']}): set train.lora_rank, lora_alpha and lora_targets to the saved values."
+                f"{lora.get('targets')}) differ from the ones this run attaches (rank {mine['rank']}, alpha "
+                f"{mine['alpha']}, targets {mine['targets']}): set train.lora_rank, lora_alpha and "
+                "lora_targets to the saved values."
             )
-        if base_weights_digest({w: weights[w] for w in deltas}) != lora.get("base_weights_sha256"):
+        if mine["base_weights_sha256"] != lora.get("base_weights_sha256"):
             raise ValueError(
                 f"The LoRA deltas in {where} were trained on other base weights than this run's model "
                 "(the digest of its attention projections differs): start from adapters trained on "
