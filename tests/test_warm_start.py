@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -165,3 +166,22 @@ def test_a_recipe_goes_on_from_another_runs_adapters(tmp_path, monkeypatch):
     for n, t in first.items():
         torch.testing.assert_close(second[n], t, rtol=0, atol=1e-7)
     assert any(t.abs().max() > 1e-3 for t in first.values())  # trained away from the zero start
+
+
+def test_a_recipe_resumes_without_the_artifact_it_started_from(tmp_path, monkeypatch):
+    """Once a warm-started run has a checkpoint, the run goes on from it even if the artifact is gone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_tiny_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    quiet = {"progress": False, "log": lambda line: None}
+    run_recipe(str(_recipe(tmp_path, "first", steps=3)), **quiet)
+    second = _recipe(tmp_path, "second", init_adapters="first/adapters", steps=3, checkpoint_every=3)
+    run_recipe(str(second), **quiet)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    longer = _recipe(tmp_path, "second", init_adapters="first/adapters", steps=6, checkpoint_every=3)
+    run_recipe(str(longer), **quiet)
+    log = (tmp_path / "second" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="does not exist"):  # a fresh start still needs it
+        run_recipe(str(longer), restart=True, **quiet)
+    assert (tmp_path / "second" / "train_log.jsonl").read_text().splitlines() == log  # refused, unchanged

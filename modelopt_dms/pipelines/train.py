@@ -20,6 +20,7 @@ from ..nn.lora import merge_lora
 from ..outputs import OutputError, ensure_writable_parent, user_path
 from ..schema import RecipeError
 from ..training.chat_data import mix_chat_sequences
+from ..training.checkpoint import latest_checkpoint
 from ..training.devices import close_process_group, init_process_group, resolve_device
 from ..training.packing import PackedRows, pack_documents
 from ..training.recipe import TrainRecipe, load_train_recipe
@@ -62,15 +63,19 @@ def _fingerprint_defaults() -> dict[str, Any]:
     return run_fingerprint(sections, 1)
 
 
-def preflight(recipe: TrainRecipe) -> None:
-    """Every destination check that needs no model: before loading, tokenising or training."""
+def preflight(recipe: TrainRecipe, resuming: bool = False) -> None:
+    """Every destination check that needs no model: before loading, tokenising or training.
+
+    ``resuming``: the run goes on from its own checkpoint, which holds where it got to, so the
+    ``train.init_adapters`` artifact it started from is not read (and may be gone).
+    """
     out_dir = user_path(recipe.output.dir)
     ensure_writable_parent(out_dir / "x", "output.dir")
     adapters = user_path(recipe.output.adapters_path)
     if adapters.exists() and not adapters.is_dir():
         raise OutputError(f"output.adapters_dir {adapters} exists and is not a folder; choose another one.")
     ensure_writable_parent(adapters, "output.adapters_dir")
-    if recipe.schedule.init_adapters:  # the artifact is readable before any model is loaded
+    if recipe.schedule.init_adapters and not resuming:  # readable before any model is loaded
         check_adapters(recipe.schedule.init_adapters)
     plan = export_plan_of(recipe)
     if plan.hf_dir:
@@ -91,9 +96,10 @@ def run_recipe(
     caller_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     world_size, rank = init_process_group(device)
     # model.device says where to run, not what is computed: it is not part of the fingerprint
-    preflight(recipe)
     out_dir = user_path(recipe.output.dir)
     cfg = recipe.schedule
+    resuming = cfg.resume and not restart and latest_checkpoint(str(out_dir)) is not None
+    preflight(recipe, resuming)
     folder = RunFolder(
         out_dir,
         _fingerprint(recipe, world_size),
