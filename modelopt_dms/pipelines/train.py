@@ -20,7 +20,6 @@ from ..nn.lora import merge_lora
 from ..outputs import OutputError, ensure_writable_parent, user_path
 from ..schema import RecipeError
 from ..training.chat_data import mix_chat_sequences
-from ..training.checkpoint import latest_checkpoint
 from ..training.devices import close_process_group, init_process_group, resolve_device
 from ..training.packing import PackedRows, pack_documents
 from ..training.recipe import TrainRecipe, load_train_recipe
@@ -98,8 +97,6 @@ def run_recipe(
     # model.device says where to run, not what is computed: it is not part of the fingerprint
     out_dir = user_path(recipe.output.dir)
     cfg = recipe.schedule
-    resuming = cfg.resume and not restart and latest_checkpoint(str(out_dir)) is not None
-    preflight(recipe, resuming)
     folder = RunFolder(
         out_dir,
         _fingerprint(recipe, world_size),
@@ -107,6 +104,7 @@ def run_recipe(
         restart or not cfg.resume,
         _fingerprint_defaults(),
     )
+    preflight(recipe, folder.resumes)
     if rank == 0:
         folder.open()
     try:

@@ -89,6 +89,11 @@ class RunFolder:
                     "marker); nothing in it is touched. Choose a new or empty output.dir."
                 )
 
+    @property
+    def resumes(self) -> bool:
+        """Whether the run goes on from the folder's checkpoint: there is one and no restart is asked."""
+        return not self.restart and latest_checkpoint(str(self.path)) is not None
+
     def open(self) -> RunFolder:
         """Lock the folder and decide between a fresh start, a resume and a refusal."""
         self._check_ownership()
@@ -96,8 +101,8 @@ class RunFolder:
         self.lock.acquire()
         try:
             self._check_ownership()  # again, under the lock
-            ckpt = latest_checkpoint(str(self.path))
-            if ckpt is not None and not self.restart:
+            if self.resumes:
+                ckpt = latest_checkpoint(str(self.path))
                 old = (read_marker(self.path) or {}).get("fingerprint", {})
                 changed = _diff(old, self.fingerprint, self.defaults)
                 if changed:
