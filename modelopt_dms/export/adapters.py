@@ -494,6 +494,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- warm start
+# DMS config keys that steer training only: a warm start may change them.
+_TRAINING_GOALS = frozenset({"target_compression_ratio"})
+
+
 def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Start a model in training from an artifact: its DMS parameters and LoRA deltas take the saved values.
 
@@ -502,6 +506,9 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
     training them and its artifact still fits the original base weights. An artifact without deltas
     leaves attached deltas at their zero start. Everything is checked before anything changes.
 
+    ``target_compression_ratio`` may differ: it is the run's training goal, not part of what the model
+    computes, so heads trained for CR 4 can start a CR-8 run.
+
     Returns the artifact's record. Raises ValueError naming the problem and the fix: another DMS
     config (e.g. a calibrated ``logit_offset``), other layers or shapes, deltas the model has no room
     for, or deltas trained on other base weights.
@@ -509,6 +516,7 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
     where = user_path(path)
     record, tensors = _read_artifact(where)
     saved_config = _normalise_config(record["dms_config"], where)
+    saved_config = {k: v for k, v in saved_config.items() if k not in _TRAINING_GOALS}
     text = _config_differences(saved_config, _current_config(model), "run")
     if text:
         raise ValueError(
