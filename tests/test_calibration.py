@@ -18,7 +18,13 @@ from modelopt_dms.cli import main
 from modelopt_dms.export.adapters import ADAPTERS_SAFETENSORS, copy_adapters
 from modelopt_dms.export.hf_checkpoint import export_hf_checkpoint, load_exported
 from modelopt_dms.training.calibration import calibrate_decision_offset
-from modelopt_dms.training.selection import score_snapshot, snapshot_path, uncompressed_logits
+from modelopt_dms.training.selection import (
+    SnapshotScore,
+    pareto_front,
+    score_snapshot,
+    snapshot_path,
+    uncompressed_logits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,3 +135,10 @@ def test_select_calibrate_publishes_the_calibrated_threshold(tmp_path, monkeypat
     assert beside["calibration"] == cal and beside["chosen"] == record["chosen"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert beside["tokens"] == summary["tokens"] * record["chosen"]["step"] // summary["steps"]
+    # every snapshot on the CR/KL front was calibrated; the lowest calibrated KL won
+    front = pareto_front([SnapshotScore(**s) for s in record["snapshots"]], 1.0)
+    tried = record["calibrated_candidates"]
+    assert [c["step"] for c in tried] == [s.step for s in front] and len(tried) >= 1
+    best = min(tried, key=lambda c: (c["kl"], -c["step"]))
+    assert record["chosen"]["step"] == best["step"]
+    assert {k: best[k] for k in cal} == cal

@@ -20,6 +20,7 @@ from modelopt_dms.training.selection import (
     SnapshotScore,
     drop_snapshots_after,
     list_snapshots,
+    pareto_front,
     pick_snapshot,
     score_snapshot,
     snapshot_path,
@@ -67,6 +68,18 @@ def test_pick_is_the_lowest_kl_at_or_above_the_target():
     assert pick_snapshot(scores, 1.0).step == 10
     with pytest.raises(ValueError, match=r"no snapshot reaches CR 6.0: the highest is 5.20 \(step 40\)"):
         pick_snapshot(scores, 6.0)
+
+
+def test_pareto_front_keeps_the_snapshots_no_other_beats_on_cr_and_kl():
+    # the CR-8 warm-start run's scan (steps 250-600), rounded: 400/450/500 are beaten by 550 or 600
+    scan = [(250, 8.26, 0.0755), (300, 8.90, 0.0785), (350, 9.42, 0.0873), (400, 9.52, 0.0899),
+            (450, 9.77, 0.0916), (500, 9.94, 0.0901), (550, 10.08, 0.0886), (600, 9.87, 0.0871)]  # fmt: skip
+    scores = [SnapshotScore(step, str(step), cr, kl) for step, cr, kl in scan]
+    assert [s.step for s in pareto_front(scores, 8.0)] == [250, 300, 550, 600]
+    assert [s.step for s in pareto_front(scores, 9.0)] == [550, 600]  # 350 is beaten by 600
+    assert pareto_front(scores, 11.0) == []
+    twins = [SnapshotScore(1, "a", 5.0, 0.1), SnapshotScore(2, "b", 5.0, 0.1)]
+    assert [s.step for s in pareto_front(twins, 4.0)] == [1, 2]  # equal scores: neither beats the other
 
 
 def test_score_matches_the_cache_stats_and_the_masked_reference():

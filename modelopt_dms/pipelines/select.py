@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,14 +10,21 @@ from typing import Any
 
 import torch
 
-from ..export.adapters import copy_adapters
+from ..export.adapters import copy_adapters, load_adapters
 from ..fileio import atomic_write_json
 from ..loading import load_model
 from ..model_dms import apply_dms, dms_config
 from ..outputs import ensure_writable_parent, user_path
-from ..training.calibration import calibrate_decision_offset
+from ..training.calibration import Calibration, calibrate_decision_offset
 from ..training.recipe import load_train_recipe
-from ..training.selection import list_snapshots, select_snapshot, snapshots_to_score, uncompressed_logits
+from ..training.selection import (
+    SnapshotScore,
+    list_snapshots,
+    pareto_front,
+    select_snapshot,
+    snapshots_to_score,
+    uncompressed_logits,
+)
 from .train import data_rows
 
 __all__ = ["selection_rows", "select_from_recipe"]
@@ -48,9 +56,12 @@ def select_from_recipe(
 
     ``from_step``: score only the snapshots at this step or later (a run made longer: the earlier
     ones were scored by the previous selection, whose record holds their numbers).
-    ``calibrate``: then move the chosen heads' decision threshold (``logit_offset``) so that their
-    CR on the same rows is just above ``target x (1 + margin)``
-    (:func:`~modelopt_dms.training.calibration.calibrate_decision_offset`); the artifact records it.
+    ``calibrate``: move each candidate's decision threshold (``logit_offset``) so that its CR on the
+    same rows is just above ``target x (1 + margin)``
+    (:func:`~modelopt_dms.training.calibration.calibrate_decision_offset`) and keep the lowest KL
+    there; the candidates are the snapshots no other beats on both CR and KL
+    (:func:`~modelopt_dms.training.selection.pareto_front`), since a snapshot past the target can
+    calibrate to a lower KL than the one nearest it. The artifact records the threshold.
     The record (every snapshot's CR and KL, the choice, the calibration, the tokens trained up to
     the chosen step) is also written to ``<output.dir>/selection_cr<target>.json`` and, next to the
     adapters, to ``<out>/selection.json``.
@@ -73,22 +84,38 @@ def select_from_recipe(
     log(f"[select] {scored} snapshots of {run_dir} on {rows} x {context} training-split tokens")
     reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
     window = recipe.dms.window_size
+    base = copy.deepcopy(model) if calibrate else None  # each candidate is calibrated on a fresh copy
     choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference, from_step)
-    calibration = None
-    if calibrate:  # ``model`` holds the chosen snapshot now
-        calibration = calibrate_decision_offset(model, ids, target, window, reference, margin, log=log)
+    calibration, config, candidates = None, None, []
+    if calibrate:
+        del model
+        for snap in pareto_front(scores, target):
+            candidate = copy.deepcopy(base)
+            load_adapters(candidate, snap.path)
+            log(f"[calibrate] step {snap.step} (CR {snap.compression_ratio:.2f}, KL {snap.kl:.4f})")
+            found = calibrate_decision_offset(candidate, ids, target, window, reference, margin, log=log)
+            candidates.append((snap, found, dms_config(candidate)))
+            del candidate
+        choice, calibration, config = _lowest_calibrated_kl(candidates)
     # the scored snapshot itself: its LoRA deltas, merged into ``model`` while scoring, stay deltas
-    copy_adapters(choice.path, out_path, config=dms_config(model) if calibrate else None)
+    copy_adapters(choice.path, out_path, config=config)
+    rule = "lowest KL (past the window) among snapshots whose achieved CR >= target"
+    if calibrate:
+        rule = (
+            "lowest KL (past the window) after calibration, among snapshots whose achieved CR >= target "
+            "that no other snapshot beats on both CR and KL"
+        )
     record = {
         "recipe": recipe_path,
         "target_compression_ratio": target,
         "context": context,
         "rows": rows,
         "from_step": from_step,
-        "rule": "lowest KL (past the window) among snapshots whose achieved CR >= target",
+        "rule": rule,
         "chosen": choice.to_dict(),
         "snapshots": [s.to_dict() for s in scores],
         "calibration": calibration.to_dict() if calibration else None,
+        "calibrated_candidates": [{"step": s.step, **c.to_dict()} for s, c, _ in candidates],
         "adapters": str(out_path),
     }
     summary = Path(run_dir) / "summary.json"  # the run's tokens, to count those up to the chosen step
@@ -105,3 +132,8 @@ def select_from_recipe(
             f"CR {calibration.compression_ratio:.2f}, KL {calibration.kl:.4f}"
         )
     return record
+
+
+def _lowest_calibrated_kl(candidates: list[tuple[SnapshotScore, Calibration, Any]]) -> tuple:
+    """``(snapshot, calibration, config)`` of the candidate with the lowest calibrated KL (later on a tie)."""
+    return min(candidates, key=lambda c: (c[1].kl, -c[0].step))

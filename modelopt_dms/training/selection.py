@@ -31,6 +31,7 @@ __all__ = [
     "SnapshotScore",
     "drop_snapshots_after",
     "list_snapshots",
+    "pareto_front",
     "pick_snapshot",
     "score_snapshot",
     "select_snapshot",
@@ -144,6 +145,25 @@ def pick_snapshot(scores: list[SnapshotScore], target: float) -> SnapshotScore:
             f"{best.step}). Train longer or with a higher train.cr_end, then select again."
         )
     return min(reached, key=lambda s: (s.kl, -s.step))
+
+
+def pareto_front(scores: list[SnapshotScore], target: float) -> list[SnapshotScore]:
+    """The snapshots at CR >= ``target`` that no other one beats on both CR (higher) and KL (lower).
+
+    Calibrating a threshold trades CR for KL along each snapshot's own curve, so a snapshot past
+    the target can end below the one nearest it: these are the ones worth calibrating.
+    """
+    reached = [s for s in scores if s.compression_ratio >= target]
+
+    def beaten(s: SnapshotScore) -> bool:
+        return any(
+            o.compression_ratio >= s.compression_ratio
+            and o.kl <= s.kl
+            and (o.compression_ratio, o.kl) != (s.compression_ratio, s.kl)
+            for o in reached
+        )
+
+    return [s for s in reached if not beaten(s)]
 
 
 def select_snapshot(
