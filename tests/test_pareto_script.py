@@ -18,13 +18,16 @@ def _method(cr: float, kl: float, match: float, keys: dict[str, float]) -> dict:
 def test_points_and_verdicts(tmp_path, monkeypatch):
     pareto = benchmark_script("pareto", monkeypatch)
 
-    unc = {"1024": {"accuracy": 1.0}, "2048": {"accuracy": 0.5}}
+    unc = {"1024": {"accuracy": 1.0}, "2048": {"accuracy": 0.5}, "4096": {"accuracy": 0.5}}
     heads = {
         "passkey_uncompressed": unc,
         "methods": {
             "good4": _method(4.2, 0.03, 0.96, {"1024": 0.98, "2048": 0.5}),
             "bad8": _method(8.1, 0.2, 0.85, {"1024": 0.5, "2048": 0.25}),
             "low": _method(3.5, 0.01, 0.99, {"1024": 1.0, "2048": 0.5}),
+            # CR 8's pass-key target is at 1K and 2K only; CR 4's includes 4K
+            "good8_weak4k": _method(8.2, 0.09, 0.91, {"1024": 0.95, "2048": 0.45, "4096": 0.1}),
+            "cr4_weak4k": _method(4.2, 0.03, 0.96, {"1024": 1.0, "2048": 0.5, "4096": 0.1}),
         },
     }
     (tmp_path / "heads.json").write_text(json.dumps(heads))
@@ -43,6 +46,8 @@ def test_points_and_verdicts(tmp_path, monkeypatch):
     assert verdicts["good4 [heads]"] == "CR 4: meets"
     assert verdicts["bad8 [heads]"] == "CR 8: misses KL 0.200 > 0.1, match 0.85 < 0.9, pass key -50 pts"
     assert verdicts["low [heads]"] == "below CR 4 (3.50)"
+    assert verdicts["good8_weak4k [heads]"] == "CR 8: meets"
+    assert verdicts["cr4_weak4k [heads]"] == "CR 4: misses pass key -40 pts"
     assert verdicts["ablation:v"] == "CR 4: misses KL 0.050 > 0.04, match 0.90 < 0.95"
     assert {p["label"]: p["tokens"] for p in payload["points"]}["ablation:v"] == 1000
     md = out.with_suffix(".md").read_text()
