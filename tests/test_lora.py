@@ -310,6 +310,10 @@ def test_selection_scores_lora_snapshots_against_the_original_model(tmp_path):
     fresh, _ = build()
     dms.load_adapters(fresh, choice.path)
     torch.testing.assert_close(_logits(base, rows), _logits(fresh, rows), rtol=1e-6, atol=1e-6)
+    untouched, _ = build()  # load_choice=False: LoRA snapshots were scored on copies, base stays
+    same, _ = select_snapshot(untouched, tmp_path, rows, 1.0, 4, lambda _: None, load_choice=False)
+    assert same == choice
+    torch.testing.assert_close(_logits(untouched, rows), _logits(original, rows), rtol=0, atol=0)
 
 
 def test_fidelity_reference_is_what_the_kl_is_taken_against():

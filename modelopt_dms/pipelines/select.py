@@ -85,7 +85,9 @@ def select_from_recipe(
     reference = uncompressed_logits(model, ids)  # the base weights', before any LoRA merge
     window = recipe.dms.window_size
     base = copy.deepcopy(model) if calibrate else None  # each candidate is calibrated on a fresh copy
-    choice, scores = select_snapshot(model, run_dir, ids, target, window, log, reference, from_step)
+    choice, scores = select_snapshot(
+        model, run_dir, ids, target, window, log, reference, from_step, load_choice=not calibrate
+    )
     calibration, config, candidates = None, None, []
     if calibrate:
         del model

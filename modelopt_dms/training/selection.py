@@ -175,13 +175,17 @@ def select_snapshot(
     log: Callable[[str], None] = print,
     reference: list[torch.Tensor] | None = None,
     from_step: int = 0,
+    load_choice: bool = True,
 ) -> tuple[SnapshotScore, list[SnapshotScore]]:
     """Score the snapshots of ``run_dir`` on ``rows`` and pick one for ``target`` (see the module doc).
 
     ``model``: the base model with the run's DMS config applied (adapters are loaded into it in
     turn; it ends holding the chosen snapshot's adapters). ``reference``: the base model's
     uncompressed logits on ``rows`` (computed here if None). ``from_step``: score only the
-    snapshots at this step or later (those a longer run added). Returns ``(choice, all scores)``.
+    snapshots at this step or later (those a longer run added). ``load_choice=False`` skips loading
+    the choice into ``model`` at the end (for a caller that calibrates candidates on copies and
+    discards ``model``; it then holds the last scored adapters, or the base for LoRA runs).
+    Returns ``(choice, all scores)``.
     """
     snapshots = snapshots_to_score(run_dir, from_step)
     # the uncompressed reference from the base weights, before any snapshot (LoRA) changes them
@@ -197,5 +201,6 @@ def select_snapshot(
         scores.append(SnapshotScore(step, str(folder), cr, kl))
         log(f"[select] step {step:>6}: CR {cr:.2f}, KL {kl:.4f}")
     choice = pick_snapshot(scores, target)
-    load_adapters(model, choice.path)
+    if load_choice:
+        load_adapters(model, choice.path)
     return choice, scores
