@@ -50,14 +50,15 @@ def _point(label: str, fidelity: dict, passkey: dict, unc: dict, tokens: int | N
 
 def points_from_heads(path: Path, tokens: dict[str, int] | None = None) -> list[dict]:
     """One point per method of an ``eval_heads.py`` result, labelled ``name [file stem]`` (one
-    folder may hold different heads at two evaluations). Training tokens: those the result recorded
-    (``training_tokens``), else ``tokens[label]`` (``--tokens``), else unknown."""
+    folder may hold different heads at two evaluations). Training tokens: ``tokens[label]`` (``--tokens``,
+    e.g. to add the tokens of the heads a warm-started run began from: a run records only its own),
+    else those the result recorded (``training_tokens``), else unknown."""
     d = json.loads(path.read_text())
     unc = d.get("passkey_uncompressed", {})
     points = []
     for name, m in d["methods"].items():
         label = f"{name} [{path.stem}]"
-        known = m.get("training_tokens") or (tokens or {}).get(label)
+        known = (tokens or {}).get(label) or m.get("training_tokens")
         points.append(_point(label, m["fidelity"], m["passkey"], unc, known))
     return points
 
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--tokens",
         nargs="*",
         default=[],
-        help="training tokens of heads whose result did not record them: 'NAME [FILE_STEM]=N'",
+        help="training tokens of heads, 'NAME [FILE_STEM]=N': for results that did not record them, or to "
+        "replace what they recorded (a warm-started run records only its own tokens)",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "pareto" / "pareto.json")
     args = p.parse_args(argv)

@@ -79,9 +79,11 @@ def test_points_labels_tokens_and_verdict(tmp_path, monkeypatch):
     pareto = _import(monkeypatch)
     recorded = _heads(tmp_path / "new_eval.json", tokens=1000)
     old = _heads(tmp_path / "old_eval.json")
-    (a,) = pareto.points_from_heads(recorded, {"x [new_eval]": 5})
+    (a,) = pareto.points_from_heads(recorded, {"x [old_eval]": 5})
     (b,) = pareto.points_from_heads(old, {"x [new_eval]": 5})
-    assert a["label"] == "x [new_eval]" and a["tokens"] == 1000  # recorded beats --tokens
+    (c,) = pareto.points_from_heads(recorded, {"x [new_eval]": 5})
+    assert a["label"] == "x [new_eval]" and a["tokens"] == 1000  # recorded; --tokens names another result
+    assert c["tokens"] == 5  # --tokens replaces what a result recorded (a warm start's earlier tokens)
     assert b["label"] == "x [old_eval]" and b["tokens"] is None  # unknown, not guessed
     assert abs(a["compression_ratio"] - 4.1) < 1e-9 and abs(a["kl"] - 0.04) < 1e-9
     assert abs(a["passkey_gap"]["1024"] + 0.05) < 1e-9 and a["passkey_gap"]["2048"] == 0.0
