@@ -119,8 +119,13 @@ def plot(name: str, log: list[dict], rows: list[dict], selections: list[dict], p
         crs, kls = [s["compression_ratio"] for s in snaps], [s["kl"] for s in snaps]
         ax.plot(crs, kls, marker="o", label=f"CR {target:g}")
         for s in snaps:
-            ax.annotate(str(s["step"]), (s["compression_ratio"], s["kl"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                str(s["step"]),
+                (s["compression_ratio"], s["kl"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         c = sel["chosen"]
         ax.scatter([c["compression_ratio"]], [c["kl"]], s=120, facecolors="none", edgecolors="red")
         ax.axvline(target, color="grey", ls=":")
@@ -153,8 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     table = render(name, rows, selections)
     print(table)
     out = args.out or RESULTS / "training_curves" / f"{name}.json"
-    payload = {"command": command_line(), "run": name, "steps": log[-1]["step"], "windows": rows,
-               "selections": selections}
+    payload = {
+        "command": command_line(),
+        "run": name,
+        "steps": log[-1]["step"],
+        "windows": rows,
+        "selections": selections,
+    }
     md = f"# Training run {name}\n\nCommand: `{payload['command']}`\n\n{table}\n"
     write_outputs(out.parent, out.stem, payload, md, lambda png: plot(name, log, rows, selections, png))
     return payload

@@ -57,12 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--context", type=int, default=2048, help="tokens per selection row")
     sel.add_argument("--rows", type=int, default=2, help="training-split rows the snapshots are scored on")
     sel.add_argument(
-        "--calibrate", action="store_true",
+        "--calibrate",
+        action="store_true",
         help="then move the decision threshold (logit_offset) so the CR on those rows is just above target",
     )
     sel.add_argument("--margin", type=float, default=0.05, help="calibrate to target x (1 + margin)")
     sel.add_argument(
-        "--from-step", type=int, default=0,
+        "--from-step",
+        type=int,
+        default=0,
         help="score only the snapshots at this step or later (those a longer run added)",
     )
 
@@ -83,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rounds", type=int, default=None, help="override eval.rounds")
     ev.add_argument("--out", default=None, help="override eval.out_dir")
     ev.add_argument(
-        "--results-doc", "--readme", dest="results_doc", default=None,
+        "--results-doc",
+        "--readme",
+        dest="results_doc",
+        default=None,
         help="replace the results block of this markdown file (docs/results.md)",
     )
     ev.add_argument("--readme-block", "--block", dest="block", default="comparison", help="block marker name")
@@ -101,19 +107,40 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_recipe(args.recipe, progress=not args.no_progress, log=_log, restart=args.restart)
     elif args.command == "select":
         select_from_recipe(
-            args.recipe, args.target, args.out, args.context, args.rows, log=_log,
-            calibrate=args.calibrate, margin=args.margin, from_step=args.from_step,
+            args.recipe,
+            args.target,
+            args.out,
+            args.context,
+            args.rows,
+            log=_log,
+            calibrate=args.calibrate,
+            margin=args.margin,
+            from_step=args.from_step,
         )
     elif args.command == "export":
         export_model(
-            args.model, args.out, adapters=args.adapters, window=args.window, quantize=args.quantize,
-            calib_glob=args.calib_glob, calib_sequences=args.calib_sequences, onnx=args.onnx,
-            overwrite=args.overwrite, log=_log,
+            args.model,
+            args.out,
+            adapters=args.adapters,
+            window=args.window,
+            quantize=args.quantize,
+            calib_glob=args.calib_glob,
+            calib_sequences=args.calib_sequences,
+            onnx=args.onnx,
+            overwrite=args.overwrite,
+            log=_log,
         )
     elif args.command == "eval":
         run_eval(
-            args.recipe, args.time_budget_min, args.rounds, args.out, args.results_doc, args.block,
-            args.report_only, progress=not args.no_progress, log=_log,
+            args.recipe,
+            args.time_budget_min,
+            args.rounds,
+            args.out,
+            args.results_doc,
+            args.block,
+            args.report_only,
+            progress=not args.no_progress,
+            log=_log,
         )
 
 

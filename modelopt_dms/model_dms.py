@@ -77,8 +77,10 @@ def print_dms_summary(model: nn.Module) -> str:
         params = sum(p.numel() for p in adapter.parameters()) if adapter is not None else 0
         kv = "fp8" if m._dms_kv_storage_scales() is not None else "compute dtype"
         sw = m.dms_switches
-        state = "eviction disabled" if sw.eviction_disabled else (
-            f"fixed keep 1/{sw.keep_every}" if sw.keep_every else "learned decisions"
+        state = (
+            "eviction disabled"
+            if sw.eviction_disabled
+            else (f"fixed keep 1/{sw.keep_every}" if sw.keep_every else "learned decisions")
         )
         lines.append(
             f"  layer {int(m.layer_idx):3d} {type(m).__name__}: {m.num_kv_heads} KV heads, "

@@ -288,8 +288,14 @@ def test_decode_visibility_follows_every_edit_of_the_book(layout):
                     continue
                 ref = DMSCacheLayer(w, layout=layout, block_size=4, page_size=4)
                 r = rows[b]
-                ref_out = ref.attend(q[r : r + 1, :, : t + 1], k[r : r + 1, :, : t + 1],
-                                     v[r : r + 1, :, : t + 1], d[r : r + 1, :, : t + 1], None, 0.3)
+                ref_out = ref.attend(
+                    q[r : r + 1, :, : t + 1],
+                    k[r : r + 1, :, : t + 1],
+                    v[r : r + 1, :, : t + 1],
+                    d[r : r + 1, :, : t + 1],
+                    None,
+                    0.3,
+                )
                 torch.testing.assert_close(out[b, :, 0], ref_out[0, :, -1], rtol=0, atol=1e-10)
                 checked += 1
         if edits.get(t) == "reorder":

@@ -102,6 +102,7 @@ def test_apply_rejects_invalid_config_and_leaves_model_unmodified(bad):
 
 # ------------------------------------------------------------------ the config.json block round trip
 
+
 @pytest.mark.parametrize(
     "cfg",
     [

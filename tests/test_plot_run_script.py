@@ -13,8 +13,14 @@ def _import(monkeypatch):
 
 
 def _record(step: int) -> dict:
-    return {"step": step, "kl": step / 100, "eviction_rate": 0.5, "target_eviction_rate": 0.25 * (step > 2),
-            "target_cr": 1.0 + step, "tokens_per_s": 10.0 * step}
+    return {
+        "step": step,
+        "kl": step / 100,
+        "eviction_rate": 0.5,
+        "target_eviction_rate": 0.25 * (step > 2),
+        "target_cr": 1.0 + step,
+        "tokens_per_s": 10.0 * step,
+    }
 
 
 def test_windows_selection_and_outputs(tmp_path, monkeypatch):
@@ -24,10 +30,18 @@ def test_windows_selection_and_outputs(tmp_path, monkeypatch):
     # a resumed run rewrote step 3: the last record of a step counts
     lines = [_record(s) for s in (1, 2, 3)] + [{**_record(3), "kl": 0.5}] + [_record(s) for s in (4, 5)]
     (run / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    snaps = [{"step": 2, "path": "a", "compression_ratio": 3.5, "kl": 0.01},
-             {"step": 4, "path": "b", "compression_ratio": 4.2, "kl": 0.03}]
-    sel = {"target_compression_ratio": 4.0, "context": 2048, "rows": 2, "rule": "lowest KL",
-           "chosen": snaps[1], "snapshots": snaps}
+    snaps = [
+        {"step": 2, "path": "a", "compression_ratio": 3.5, "kl": 0.01},
+        {"step": 4, "path": "b", "compression_ratio": 4.2, "kl": 0.03},
+    ]
+    sel = {
+        "target_compression_ratio": 4.0,
+        "context": 2048,
+        "rows": 2,
+        "rule": "lowest KL",
+        "chosen": snaps[1],
+        "snapshots": snaps,
+    }
     (run / "selection_cr4.json").write_text(json.dumps(sel))
     out = tmp_path / "res" / "curve.json"
     payload = plot_run.main([str(run), "--every", "2", "--out", str(out)])

@@ -588,13 +588,27 @@ def test_fsdp_two_processes_equals_grad_accum_and_resumes(tmp_path):
     common = ["--batch-size", "2", "--checkpoint-every", "4", "--unfused-kl"]  # FSDP's KL path in both
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), "--out", str(out), "--fsdp", *common, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            "--out",
+            str(out),
+            "--fsdp",
+            *common,
+            *extra,
+        ]
         return _popen(cmd, Path(str(out) + ".out"))
 
     full, part = tmp_path / "fsdp", tmp_path / "fsdp_resumed"
-    single = _popen(_worker_cmd(tmp_path / "single", "--steps", "8", *common, "--grad-accum", "2"),
-                    tmp_path / "single.out")
+    single = _popen(
+        _worker_cmd(tmp_path / "single", "--steps", "8", *common, "--grad-accum", "2"),
+        tmp_path / "single.out",
+    )
     _finish(single, "single-process worker")
     _finish(torchrun(full, "--steps", "8"), "torchrun FSDP worker")
     got, want = _read_log(full), _read_log(tmp_path / "single")

@@ -59,8 +59,12 @@ class EvalConfig(Section):
         for depth in self.needle_depths:
             if not 0.0 <= depth <= 1.0:
                 raise ValueError(f"needle_depths entry {depth} must be in [0, 1]")
-        for ctx in (*self.fidelity_contexts, *self.needle_contexts, *self.multi_needle_contexts,
-                    *self.multi_turn_contexts):
+        for ctx in (
+            *self.fidelity_contexts,
+            *self.needle_contexts,
+            *self.multi_needle_contexts,
+            *self.multi_turn_contexts,
+        ):
             if ctx < 128:
                 raise ValueError(f"context length {ctx} is too short (>= 128 tokens)")
         return self

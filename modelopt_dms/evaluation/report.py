@@ -50,9 +50,7 @@ def summarize(records: list[dict]) -> dict[str, list[dict]]:
             row["ppl"] = mean(r["ppl"] for r in rs)
         else:  # one answer per sample: a success rate, with its Wilson 95% interval
             row["ci95"] = list(wilson_interval(sum(r["score"] for r in rs), len(rs)))
-            row["n_by_context"] = {
-                c: sum(r["context_tokens"] == c for r in rs) for c in row["by_context"]
-            }
+            row["n_by_context"] = {c: sum(r["context_tokens"] == c for r in rs) for c in row["by_context"]}
         out.setdefault(task, []).append(row)
     for rows in out.values():
         rows.sort(key=lambda x: order.index(x["method"]))
