@@ -68,6 +68,12 @@ def _worker_cmd(out: Path, *args: str) -> list[str]:
     return [sys.executable, str(WORKER), "--out", str(out), *args]
 
 
+def _torchrun_cmd(out: Path, *args: str) -> list[str]:
+    """The worker under torchrun, two processes on this host."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return [sys.executable, *launcher, str(WORKER), "--out", str(out), *args]
+
+
 def _check_rc(proc: subprocess.Popen | subprocess.CompletedProcess, what: str) -> None:
     if proc.returncode != 0:
         out, err = (proc.stdout, proc.stderr) if isinstance(proc, subprocess.CompletedProcess) else ("", "")
@@ -547,21 +553,7 @@ def test_data_parallel_two_processes_equals_grad_accum(tmp_path):
     steps = 8
     common = ["--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "4"]
     dp_dir, single_dir = tmp_path / "dp", tmp_path / "single"
-    dp_cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        "--out",
-        str(dp_dir),
-        *common,
-        "--grad-accum",
-        "1",
-    ]
-    dp = _popen(dp_cmd, tmp_path / "dp.out")
+    dp = _popen(_torchrun_cmd(dp_dir, *common, "--grad-accum", "1"), tmp_path / "dp.out")
     single = _popen(_worker_cmd(single_dir, *common, "--grad-accum", "2"), tmp_path / "single.out")
     _finish(single, "single-process worker")
     _finish(dp, "torchrun worker (2 processes)")
@@ -588,21 +580,7 @@ def test_fsdp_two_processes_equals_grad_accum_and_resumes(tmp_path):
     common = ["--batch-size", "2", "--checkpoint-every", "4", "--unfused-kl"]  # FSDP's KL path in both
 
     def torchrun(out, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(WORKER),
-            "--out",
-            str(out),
-            "--fsdp",
-            *common,
-            *extra,
-        ]
-        return _popen(cmd, Path(str(out) + ".out"))
+        return _popen(_torchrun_cmd(out, "--fsdp", *common, *extra), Path(str(out) + ".out"))
 
     full, part = tmp_path / "fsdp", tmp_path / "fsdp_resumed"
     single = _popen(
