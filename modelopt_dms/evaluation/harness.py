@@ -32,6 +32,7 @@ from ..model_dms import quantize_fp8
 from .config import EvalConfig
 from .methods import DenseMethod, DMSMethod, PressMethod
 from .metrics import mean_kl, needle_recall, perplexity, top1_agreement
+from .shared_prefill import SharedPrefill
 from .tasks import EvalSample, make_fidelity_sample, make_multi_turn_sample, make_needle_sample
 
 __all__ = [
@@ -66,9 +67,12 @@ def build_methods(base, tokenizer, cfg: EvalConfig, calib: list[torch.Tensor] | 
             quantize_fp8(q, calib, weights=False, kv_cache=True)
             q.eval()
             methods.append(DMSMethod(q, tokenizer, f"dms+fp8kv@{label}", label))
+    shared = SharedPrefill(base)  # one recorded prefill per sample for every press
     for label, cr in cfg.budgets.items():
         for press in cfg.presses:
-            methods.append(PressMethod(base, tokenizer, press, label, cr, window=cfg.press_window))
+            methods.append(
+                PressMethod(base, tokenizer, press, label, cr, window=cfg.press_window, shared=shared)
+            )
     return methods
 
 

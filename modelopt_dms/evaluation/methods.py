@@ -5,6 +5,9 @@ teacher-forces the scored continuation (returning its logits) or decodes greedil
 answer ids), and reports the KV tokens it keeps at *question time* (after the last input segment,
 before scoring/decoding; mean over layers and KV heads) and the KV bytes its cache holds then.
 
+Presses on the same context share one recorded prefill (:class:`SharedPrefill`): each press's
+own kvpress hook is replayed on it, which gives the hooked prefill's cache without its forward.
+
 Budget matching for presses: kvpress compresses the first segment (the first
 ``sample.prefix_segments`` together) at prefill, as its own pipeline does, and appends the rest
 uncompressed. Given a kept-token target ``K`` (the DMS
@@ -25,6 +28,7 @@ from torch import nn
 
 from ..cache import DMSCache, cache_stats
 from .config import PRESS_NAMES
+from .shared_prefill import SharedPrefill
 
 __all__ = ["DenseMethod", "DMSMethod", "PressMethod", "RunResult", "make_press"]
 
@@ -165,7 +169,14 @@ class PressMethod(_Method):
     family = "kvpress"
 
     def __init__(
-        self, model: nn.Module, tokenizer, press_name: str, budget: str, nominal_cr: float, window: int = 64
+        self,
+        model: nn.Module,
+        tokenizer,
+        press_name: str,
+        budget: str,
+        nominal_cr: float,
+        window: int = 64,
+        shared: SharedPrefill | None = None,
     ) -> None:
         super().__init__(model, tokenizer)
         make_press(press_name)  # fail early on unknown names / missing kvpress
@@ -175,6 +186,9 @@ class PressMethod(_Method):
                 "attention bypasses: load the model with attn_implementation='sdpa'"
             )
         self.press_name, self.budget, self.nominal_cr, self.window = press_name, budget, nominal_cr, window
+        self.shared = shared if shared is not None else SharedPrefill(model)
+        if self.shared.model is not model:
+            raise ValueError("the shared prefill must record the same model the press compresses")
         self.name = f"{press_name}@{budget}"
 
     def _step(self, cache, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -194,14 +208,10 @@ class PressMethod(_Method):
         return [layer.self_attn for layer in self.model.model.layers]
 
     def _prefill(self, press, first: torch.Tensor):
-        from transformers import DynamicCache
-
+        """The cache after a prefill of ``first`` under ``press`` (the shared record, replayed)."""
         for attn in self._attention_modules():  # DMSPress state; kvpress resets it at prefill
             attn.masked_key_indices = None
-        cache = DynamicCache()
-        with press(self.model):
-            self.model.model(input_ids=first, past_key_values=cache)
-        return cache
+        return self.shared.cache_for(press, first)
 
     def _dms_press_threshold(self, first: torch.Tensor, n_mask_per_head: float) -> float:
         """Score once, then pick the threshold that masks the wanted number of entries."""
