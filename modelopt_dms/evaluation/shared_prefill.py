@@ -77,7 +77,7 @@ class SharedPrefill:
         cache = DynamicCache()
         for idx, (keys, values) in enumerate(self._kv):  # copies: the record stays uncompressed
             cache.update(keys, values, idx)
-        with press(self.model):  # kvpress's own set-up (post_init_from_model, rotary_emb)
+        with press(self.model):  # kvpress sets the press up for the model (hooks unused)
             for module, inputs, output in self._calls:
                 press.forward_hook(module, [], {**inputs, "past_key_values": cache}, output)
         return cache
