@@ -155,10 +155,13 @@ def _training_rows(recipe: TrainRecipe, tok, log) -> torch.Tensor | PackedRows:
     seqs, counts = data_rows(d, tok, d.seq_len, "train", d.max_sequences)
     if counts is not None:
         mix = "; rows " + ", ".join(f"{k} {n}" for k, n in counts.items())
-    seqs = mix_chat_sequences(tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed)
+    seqs = mix_chat_sequences(
+        tok, seqs, d.chat_fraction, d.recall_fraction, seed=d.seed, multi_turn_fraction=d.multi_turn_fraction
+    )
+    multi = f", multi-turn recall {d.multi_turn_fraction:.0%}" if d.multi_turn_fraction else ""
     log(
         f"[data] {seqs.shape[0]} training sequences of {seqs.shape[1]} tokens "
-        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%}{mix})"
+        f"(chat {d.chat_fraction:.0%}, recall {d.recall_fraction:.0%}{multi}{mix})"
     )
     return seqs
 

@@ -1,15 +1,18 @@
 """Chat-formatted training sequences for instruct models, built from real-text token rows.
 
-Two kinds, both exactly ``seq_len`` tokens and both inside the model's own chat template:
+Three kinds, all exactly ``seq_len`` tokens and all inside the model's own chat template:
 
 * **continuation**: the user turn holds the first part of a document, the assistant turn
   continues it (the rest of the same row);
 * **recall**: the user turn holds real filler text with one or two short facts ("needles")
   hidden at random depths and asks for one of them; the assistant answers. The distillation
-  target at the answer tokens rewards decisions that keep the needle's keys and values.
+  target at the answer tokens rewards decisions that keep the needle's keys and values;
+* **multi-turn recall**: the fact is a user turn of its own, acknowledged by the assistant; a
+  later user turn holds the real text, and the last one asks for the fact. This is the shape of
+  a conversation whose cache carries earlier turns.
 
-The recall templates are deliberately different from the passkey evaluation
-(:mod:`modelopt_dms.evaluation.retrieval`), so that evaluation is not done on training prompts.
+The templates are deliberately different from the evaluation's pass keys and multi-turn task
+(:mod:`modelopt_dms.evaluation.tasks`), so that evaluation is not done on training prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import random
 
 import torch
 
-__all__ = ["RECALL_TEMPLATES", "mix_chat_sequences"]
+__all__ = ["MULTI_TURN_TEMPLATES", "RECALL_TEMPLATES", "mix_chat_sequences"]
 
 _FILL = "\x00FILL\x00"
 
@@ -31,14 +34,34 @@ RECALL_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("The order id you need later is {v}.", "What is the order id?"),
 )
 
+# (the user's fact, the assistant's acknowledgement, the last turn's question); {v} is the value.
+# None of these is the evaluation's locker code.
+MULTI_TURN_TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("My badge number is {v}. Keep it in mind.", "Noted.", "What was my badge number?"),
+    (
+        "The Wi-Fi password for today is {v}; I will need it later.",
+        "Got it.",
+        "What is today's Wi-Fi password?",
+    ),
+    ("Please note my flight number: {v}.", "I have noted your flight number.", "What is my flight number?"),
+    ("Our project budget code is {v}.", "Understood, I will keep it.", "Which budget code did I give you?"),
+)
+_DOCUMENT_TURNS = (
+    ("Now read this:\n\n" + _FILL, "Done reading."),
+    ("Some text for you:\n\n" + _FILL + "\n\nThat is all of it.", "I have read it."),
+)
+
+
+def _chat_parts(tokenizer, turns: list[str]) -> list[list[int]]:
+    """Token ids of a user / assistant / user ... conversation, split at each ``_FILL``."""
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return [tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split(_FILL)]
+
 
 def _template_parts(tokenizer, user: str, assistant: str) -> list[list[int]]:
-    """Token ids of the rendered chat template, split at each ``_FILL`` placeholder."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
-        tokenize=False,
-    )
-    return [tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split(_FILL)]
+    """Token ids of one user / assistant exchange, split at each ``_FILL`` placeholder."""
+    return _chat_parts(tokenizer, [user, assistant])
 
 
 def _continuation(tokenizer, row: list[int], seq_len: int) -> list[int]:
@@ -78,24 +101,40 @@ def _recall(tokenizer, row: list[int], seq_len: int, rng: random.Random) -> list
     return head + body + q_ids + tail
 
 
+def _multi_turn_recall(tokenizer, row: list[int], seq_len: int, rng: random.Random) -> list[int]:
+    statement, ack, question = MULTI_TURN_TEMPLATES[rng.randrange(len(MULTI_TURN_TEMPLATES))]
+    digits = rng.randint(4, 7)
+    value = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    document, read = _DOCUMENT_TURNS[rng.randrange(len(_DOCUMENT_TURNS))]
+    head, tail = _chat_parts(tokenizer, [statement.format(v=value), ack, document, read, question, value])
+    budget = seq_len - len(head) - len(tail)
+    if budget < 8:
+        raise ValueError(f"seq_len {seq_len} is too short for a multi-turn recall sample")
+    return head + row[:budget] + tail
+
+
 def mix_chat_sequences(
     tokenizer,
     sequences: torch.Tensor,
     chat_fraction: float,
     recall_fraction: float,
     seed: int = 0,
+    multi_turn_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """Replace a deterministic share of the real-text rows by chat continuation / recall samples.
+    """Replace a deterministic share of the real-text rows by chat-formatted samples.
 
+    Continuation, recall and multi-turn recall rows, in that order of the shuffled rows.
     Each converted row keeps its length and draws its text from itself, so the split
-    (train vs held-out documents) is preserved. ``chat_fraction + recall_fraction <= 1``.
+    (train vs held-out documents) is preserved. The fractions are >= 0 and sum to at most 1;
+    adding multi-turn rows leaves the continuation and recall rows of the same seed unchanged.
     """
-    if chat_fraction < 0 or recall_fraction < 0 or chat_fraction + recall_fraction > 1:
+    fractions = (chat_fraction, recall_fraction, multi_turn_fraction)
+    if min(fractions) < 0 or sum(fractions) > 1:
         raise ValueError(
-            f"chat_fraction ({chat_fraction}) and recall_fraction ({recall_fraction}) must be >= 0 "
-            "and sum to at most 1"
+            f"chat_fraction ({chat_fraction}), recall_fraction ({recall_fraction}) and "
+            f"multi_turn_fraction ({multi_turn_fraction}) must be >= 0 and sum to at most 1"
         )
-    if not (chat_fraction or recall_fraction):
+    if not any(fractions):
         return sequences
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
@@ -112,4 +151,7 @@ def mix_chat_sequences(
         out[i] = torch.tensor(_continuation(tokenizer, sequences[i].tolist(), seq_len))
     for i in order[n_chat : n_chat + n_recall]:
         out[i] = torch.tensor(_recall(tokenizer, sequences[i].tolist(), seq_len, rng))
+    n_multi = int(round(n * multi_turn_fraction))
+    for i in order[n_chat + n_recall : n_chat + n_recall + n_multi]:
+        out[i] = torch.tensor(_multi_turn_recall(tokenizer, sequences[i].tolist(), seq_len, rng))
     return out

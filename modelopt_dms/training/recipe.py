@@ -28,8 +28,9 @@ class DataSection(Section):
     ``text_glob`` names one source; ``sources`` mixes several by weight (rows for one-document
     sequences, tokens for packing), each split into train/held-out by its own files.
 
-    ``chat_fraction`` / ``recall_fraction`` of the rows become chat-formatted continuation /
-    recall conversations (instruct models; see ``training.chat_data``).
+    ``chat_fraction`` / ``recall_fraction`` / ``multi_turn_fraction`` of the rows become
+    chat-formatted continuation / recall / multi-turn recall conversations (instruct models; see
+    ``training.chat_data``).
     """
 
     text_glob: str = PYTHON_DOCS_GLOB  # a named source (text_sources.SOURCES) or a glob of files
@@ -41,14 +42,15 @@ class DataSection(Section):
     cache_dir: str = DEFAULT_CACHE_DIR
     chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
     recall_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    multi_turn_fraction: float = Field(0.0, ge=0.0, le=1.0)  # the fact in an earlier user turn
     packing: bool = False  # pack whole documents into rows (block-diagonal attention, no document dropped)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> DataSection:
-        if self.chat_fraction + self.recall_fraction > 1.0:
+        if self.chat_fraction + self.recall_fraction + self.multi_turn_fraction > 1.0:
             raise ValueError(
                 f"chat_fraction ({self.chat_fraction}) + recall_fraction ({self.recall_fraction}) "
-                "must be at most 1"
+                f"+ multi_turn_fraction ({self.multi_turn_fraction}) must be at most 1"
             )
         if self.sources is not None:
             if "text_glob" in self.model_fields_set:
@@ -56,8 +58,11 @@ class DataSection(Section):
             bad = {k: w for k, w in self.sources.items() if not w > 0}
             if not self.sources or bad:
                 raise ValueError(f"data.sources needs at least one source with a weight > 0, got {bad or {}}")
-        if self.packing and (self.chat_fraction or self.recall_fraction):
-            raise ValueError("packing does not combine with chat_fraction / recall_fraction yet; use one")
+        if self.packing and (self.chat_fraction or self.recall_fraction or self.multi_turn_fraction):
+            raise ValueError(
+                "packing does not combine with chat_fraction / recall_fraction / multi_turn_fraction "
+                "yet; use one"
+            )
         return self
 
 
