@@ -301,6 +301,17 @@ def _rec(task, method, family, budget, score, kept=100.0, **extra):
     }
 
 
+_META = {
+    "model": "m",
+    "cpu": "x",
+    "threads": 2,
+    "torch": "t",
+    "rounds_completed": 2,
+    "seconds": 60.0,
+    "command": "modelopt-dms eval r.yaml",
+}
+
+
 def test_summary_goal_checks_markdown_and_plots(tmp_path):
     records = [
         _rec("needle", "uncompressed", "dense", None, 1.0, 400),
@@ -324,18 +335,7 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
     assert checks[("needle", "dms@cr4 within 5 points of uncompressed")] is False
     assert checks[("fidelity", "dms@cr4 >= best press at cr4")] is False
     assert checks[("multi_turn", "dms@cr4 >= best press at cr4")] is None  # both 0: no verdict
-    results = {
-        "meta": {
-            "model": "m",
-            "cpu": "x",
-            "threads": 2,
-            "torch": "t",
-            "rounds_completed": 2,
-            "seconds": 60.0,
-            "command": "modelopt-dms eval r.yaml",
-        },
-        "records": records,
-    }
+    results = {"meta": _META, "records": records}
     md = render_markdown(results)
     assert row["dms@cr4"]["ci95"] == list(wilson_interval(1.5, 2)) and "fidelity" not in [
         t for t, rows in summary.items() if "ci95" in rows[0]
@@ -351,6 +351,55 @@ def test_summary_goal_checks_markdown_and_plots(tmp_path):
     assert (tmp_path / "pareto_needle.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["goal_checks"]
     assert open(paths["markdown"]).read() == md
+
+
+def test_goal_checks_follow_the_retrofit_targets_per_budget():
+    """CR 4: CR, top-1 >= 95%, KL <= 0.04, pass keys within 5 points at 1K/2K/4K (8K unchecked),
+    multi-turn >= uncompressed; CR 8: top-1 >= 90%, KL <= 0.10, within 10 points at 1K/2K only."""
+    records = []
+    for ctx, dense, cr4, cr8 in (
+        (1024, 1.0, 0.95, 0.9),
+        (2048, 1.0, 0.9, 0.85),
+        (4096, 0.5, 0.5, 0.0),
+        (8192, 1.0, 0.0, 0.0),
+    ):
+        for method, family, budget, score in (
+            ("uncompressed", "dense", None, dense),
+            ("dms@cr4", "dms", "cr4", cr4),
+            ("dms@cr8", "dms", "cr8", cr8),
+        ):
+            records.append(_rec("needle", method, family, budget, score, context_tokens=ctx))
+    records += [
+        _rec("fidelity", "uncompressed", "dense", None, 1.0, 400, kl=0.0, ppl=5.0),
+        _rec("fidelity", "dms@cr4", "dms", "cr4", 0.95, 90.0, kl=0.04, ppl=5.1),  # CR 4.44
+        _rec("fidelity", "dms@cr8", "dms", "cr8", 0.91, 51.0, kl=0.11, ppl=5.9),  # CR 7.84
+        _rec("multi_turn", "uncompressed", "dense", None, 0.5),
+        _rec("multi_turn", "dms@cr4", "dms", "cr4", 0.5),
+        _rec("multi_turn", "dms@cr8", "dms", "cr8", 0.0),
+    ]
+    checks = {(c["task"], c["check"]): c for c in goal_checks(summarize(records))}
+    verdicts = {k: c["pass"] for k, c in checks.items()}
+    assert verdicts == {
+        ("needle", "dms@cr4 within 5 points of uncompressed at 1024"): True,
+        ("needle", "dms@cr4 within 5 points of uncompressed at 2048"): False,
+        ("needle", "dms@cr4 within 5 points of uncompressed at 4096"): True,
+        ("needle", "dms@cr8 within 10 points of uncompressed at 1024"): True,
+        ("needle", "dms@cr8 within 10 points of uncompressed at 2048"): False,
+        ("fidelity", "dms@cr4 achieved CR >= 4"): True,
+        ("fidelity", "dms@cr4 top-1 >= 95%"): True,
+        ("fidelity", "dms@cr4 KL <= 0.04"): True,
+        ("fidelity", "dms@cr8 achieved CR >= 8"): False,
+        ("fidelity", "dms@cr8 top-1 >= 90%"): True,
+        ("fidelity", "dms@cr8 KL <= 0.1"): False,
+        ("multi_turn", "dms@cr4 >= uncompressed"): True,
+    }
+    md = render_markdown({"meta": _META, "records": records})
+    assert "| fidelity | dms@cr8 KL <= 0.1 | 0.110 | 0.100 (target) | FAIL |" in md
+    assert "| fidelity | dms@cr8 achieved CR >= 8 | 7.84 | 8.00 (target) | FAIL |" in md
+    assert (
+        "| needle | dms@cr4 within 5 points of uncompressed at 2048 | 90.0 | 100.0 (uncompressed) | FAIL |"
+        in md
+    )
 
 
 def test_update_readme_replaces_only_the_block(tmp_path):
