@@ -565,6 +565,13 @@ def test_cli_eval_resumes_after_the_last_finished_round(tmp_path, monkeypatch, t
         main([*args, "--out", "cut"])
     partial = json.loads((tmp_path / "cut" / harness.PARTIAL_NAME).read_text())
     assert partial["rounds_completed"] == 1 and not (tmp_path / "cut" / "results.json").exists()
+    # --report-only renders the finished round; the partial run stays for the resume below
+    assert main(["eval", "eval.yaml", "--report-only", "--out", "cut"]) == 0
+    assert "unfinished run: rendering its 1 finished round(s) of 2" in capsys.readouterr().out
+    shown = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert shown["meta"]["rounds_completed"] == 1 and shown["meta"]["from_partial"]
+    assert shown["records"] == partial["records"] and (tmp_path / "cut" / harness.PARTIAL_NAME).exists()
+    assert "the first 1 of 2 rounds of an unfinished run" in (tmp_path / "cut" / "comparison.md").read_text()
 
     def counted(cell, rnd, *a, **kw):
         seen.append(rnd)

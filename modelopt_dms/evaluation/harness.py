@@ -40,6 +40,7 @@ __all__ = [
     "build_methods",
     "comparison_key",
     "evaluate_sample",
+    "results_from_partial",
     "run_comparison",
     "save_results",
     "task_cells",
@@ -228,21 +229,46 @@ def run_comparison(
             partial_path, {"key": key, "rounds_completed": rounds_done, "records": records}, indent=None
         )
     bar.close()
-    meta = {
+    methods_meta = [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods]
+    meta = _meta(cfg, model_name, key, rounds_done, first, time.time() - t_start, methods_meta)
+    return {"meta": meta, "records": records}
+
+
+def _meta(
+    cfg: EvalConfig, model_name: str, key: str, rounds: int, first: int, seconds: float, methods: list[dict]
+) -> dict:
+    return {
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "model": model_name,
         "config": cfg.model_dump(),
-        "rounds_completed": rounds_done,
+        "rounds_completed": rounds,
         "resumed_after_round": first,
         "key": key,
-        "seconds": round(time.time() - t_start, 1),
+        "seconds": round(seconds, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "methods": [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods],
+        "methods": methods,
         "heldout": f"held-out split of {cfg.text_glob} (distinct files, never trained on)",
     }
-    return {"meta": meta, "records": records}
+
+
+def results_from_partial(cfg: EvalConfig, model_name: str) -> dict | None:
+    """The finished rounds of an unfinished run of this comparison (``results.partial.json``).
+
+    None when there is no partial run of it (other settings or heads). ``seconds`` is the sum of
+    the methods' run times; the partial file stays, so the same command still resumes.
+    """
+    state = _read_partial(os.path.join(cfg.out_dir, PARTIAL_NAME))
+    key = comparison_key(cfg, model_name)
+    if state is None or state["key"] != key or not state["records"]:
+        return None
+    records = state["records"]
+    methods = list(dict.fromkeys((r["method"], r["family"], r["budget"]) for r in records))
+    methods_meta = [{"name": m, "family": f, "budget": b} for m, f, b in methods]
+    seconds = sum(r["seconds"] for r in records)
+    meta = _meta(cfg, model_name, key, state["done"], 0, seconds, methods_meta)
+    return {"meta": {**meta, "from_partial": True}, "records": records}
 
 
 def save_results(results: dict, out_dir: str) -> str:

@@ -161,9 +161,16 @@ def _ci(ci: list[float]) -> str:
 def render_markdown(results: dict) -> str:
     """The full comparison as markdown: one table per task, then the goal checks."""
     meta, summary = results["meta"], summarize(results["records"])
+    rounds = f"{meta['rounds_completed']} round(s), {meta['seconds'] / 60:.1f} min. Command"
+    if meta.get("from_partial"):
+        total = meta.get("config", {}).get("rounds", "?")
+        rounds = (
+            f"the first {meta['rounds_completed']} of {total} rounds of an unfinished run "
+            f"({meta['seconds'] / 60:.1f} min of method runs), rendered by"
+        )
     lines = [
         f"Model: {meta['model']} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}); "
-        f"{meta['rounds_completed']} round(s), {meta['seconds'] / 60:.1f} min. Command: `{meta['command']}`.",
+        f"{rounds}: `{meta['command']}`.",
         "",
         "Kept tokens are counted at question time (after the last input segment; mean over layers and "
         "KV heads). Presses compress the long first segment at prefill and are matched per sample to the "

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..evaluation.config import load_eval_recipe
-from ..evaluation.harness import run_comparison, save_results
+from ..evaluation.harness import results_from_partial, run_comparison, save_results
 from ..evaluation.report import render_markdown, update_readme, write_report
 from ..schema import RecipeError
 
@@ -40,12 +40,22 @@ def run_eval(
         cfg = type(recipe.eval).model_validate({**recipe.eval.model_dump(), **updates})
     except ValueError as err:
         raise RecipeError(f"Invalid eval option: {err}") from err
-    if report_only:  # re-render tables, plots and the results block from a finished run
+    if report_only:  # re-render from results.json, or from the finished rounds of a stopped run
         path = os.path.join(cfg.out_dir, "results.json")
-        if not os.path.isfile(path):
+        partial = results_from_partial(cfg, recipe.model.name_or_path)
+        if partial is not None:
+            rounds_done = partial["meta"]["rounds_completed"]
+            log(
+                f"[eval] {cfg.out_dir} holds an unfinished run: rendering its {rounds_done} finished "
+                f"round(s) of {cfg.rounds} (the same command without --report-only resumes it)"
+            )
+            results = partial
+            save_results(results, cfg.out_dir)
+        elif not os.path.isfile(path):
             raise RecipeError(f"--report-only: no {path}; run the evaluation first")
-        with open(path) as f:
-            results = json.load(f)
+        else:
+            with open(path) as f:
+                results = json.load(f)
     else:
         for label, path in cfg.adapters.items():
             if not os.path.isdir(path):
