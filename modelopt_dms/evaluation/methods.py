@@ -28,7 +28,7 @@ from torch import nn
 
 from ..cache import DMSCache, cache_stats
 from .config import PRESS_NAMES
-from .shared_prefill import SharedPrefill
+from .shared_prefill import SharedPrefill, attention_modules
 
 __all__ = ["DenseMethod", "DMSMethod", "PressMethod", "RunResult", "make_press"]
 
@@ -204,12 +204,9 @@ class PressMethod(_Method):
             input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True
         ).logits
 
-    def _attention_modules(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.model.layers]
-
     def _prefill(self, press, first: torch.Tensor):
         """The cache after a prefill of ``first`` under ``press`` (the shared record, replayed)."""
-        for attn in self._attention_modules():  # DMSPress state; kvpress resets it at prefill
+        for attn in attention_modules(self.model):  # DMSPress state; kvpress resets it at prefill
             attn.masked_key_indices = None
         return self.shared.cache_for(press, first)
 
@@ -260,7 +257,7 @@ class PressMethod(_Method):
             held = _dynamic_cache_bytes(cache)
             out = self._finish(sample, cache, last, pos)
         finally:  # masks of a DMSPress run must not leak into the next method on this model
-            for attn in self._attention_modules():
+            for attn in attention_modules(self.model):
                 attn.masked_key_indices = None
         return RunResult(
             kept_tokens=kept,
@@ -278,7 +275,7 @@ class PressMethod(_Method):
             b, h, n, _ = layer.keys.shape
             masked = 0
             if self.press_name == "dms_press":
-                idx = self._attention_modules()[layer_idx].masked_key_indices
+                idx = attention_modules(self.model)[layer_idx].masked_key_indices
                 masked = 0 if idx is None else len(idx[0])
             lengths.append(n - masked / (b * h))
         return float(sum(lengths) / len(lengths))

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SharedPrefill"]
+__all__ = ["SharedPrefill", "attention_modules"]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The decoder's attention layers, where kvpress hooks its presses."""
+    return [layer.self_attn for layer in model.model.layers]
 
 
 class SharedPrefill:
@@ -39,9 +44,6 @@ class SharedPrefill:
         self._calls: list[tuple[nn.Module, dict[str, Any], tuple]] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _attention_modules(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.model.layers]
-
     def _holds(self, ids: torch.Tensor) -> bool:
         return self._ids is not None and self._ids.shape == ids.shape and torch.equal(self._ids, ids)
 
@@ -58,7 +60,7 @@ class SharedPrefill:
             inputs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
             calls.append((module, inputs, (None, *output[1:])))  # the hook reads output[1] only
 
-        handles = [m.register_forward_hook(keep, with_kwargs=True) for m in self._attention_modules()]
+        handles = [m.register_forward_hook(keep, with_kwargs=True) for m in attention_modules(self.model)]
         cache = DynamicCache()
         try:
             self.model.model(input_ids=ids, past_key_values=cache)

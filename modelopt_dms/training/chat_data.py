@@ -59,13 +59,8 @@ def _chat_parts(tokenizer, turns: list[str]) -> list[list[int]]:
     return [tokenizer(part, add_special_tokens=False)["input_ids"] for part in text.split(_FILL)]
 
 
-def _template_parts(tokenizer, user: str, assistant: str) -> list[list[int]]:
-    """Token ids of one user / assistant exchange, split at each ``_FILL`` placeholder."""
-    return _chat_parts(tokenizer, [user, assistant])
-
-
 def _continuation(tokenizer, row: list[int], seq_len: int) -> list[int]:
-    head, mid_ids, end_ids = _template_parts(tokenizer, "Continue this text:\n\n" + _FILL, _FILL)
+    head, mid_ids, end_ids = _chat_parts(tokenizer, ["Continue this text:\n\n" + _FILL, _FILL])
     budget = seq_len - len(head) - len(mid_ids) - len(end_ids)
     if budget < 8:
         raise ValueError(f"seq_len {seq_len} is too short for a chat continuation sample")
@@ -80,8 +75,8 @@ def _recall(tokenizer, row: list[int], seq_len: int, rng: random.Random) -> list
     values = [str(rng.randint(10 ** (d - 1), 10**d - 1)) for d in (rng.randint(4, 7) for _ in picks)]
     asked = rng.randrange(n_needles)
     question = RECALL_TEMPLATES[picks[asked]][1]
-    head, tail = _template_parts(
-        tokenizer, "Read the text and answer the question after it.\n\n" + _FILL, values[asked]
+    head, tail = _chat_parts(
+        tokenizer, ["Read the text and answer the question after it.\n\n" + _FILL, values[asked]]
     )
     q_ids = tokenizer("\n\nQuestion: " + question, add_special_tokens=False)["input_ids"]
     needles = [
