@@ -584,6 +584,11 @@ def test_cli_eval_resumes_after_the_last_finished_round(tmp_path, monkeypatch, t
     assert "resuming after round 1 of 2" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert resumed["meta"]["resumed_after_round"] == 1 and resumed["meta"]["key"] == whole["meta"]["key"]
+    method_min = sum(r["seconds"] for r in resumed["records"]) / 60  # both legs' rounds, not the last leg's
+    header = (tmp_path / "cut" / "comparison.md").read_text().splitlines()[0]
+    assert f"2 round(s) run in legs ({method_min:.1f} min of method runs in all)" in header
+    assert "the last leg resumed after round 1" in header
+    assert "run in legs" not in (tmp_path / "whole" / "comparison.md").read_text()
     drop = ("seconds",)
     strip = lambda recs: [{k: v for k, v in r.items() if k not in drop} for r in recs]  # noqa: E731
     assert strip(resumed["records"]) == strip(whole["records"])

@@ -158,19 +158,35 @@ def _ci(ci: list[float]) -> str:
     return f"{100 * ci[0]:.0f}\u2013{100 * ci[1]:.0f}"
 
 
+def _run_line(meta: dict, records: list[dict]) -> str:
+    """How many rounds the tables hold and what they cost, ending with what produced them.
+
+    A run resumed over several legs reports its methods' run time summed over every round, and the
+    last leg's wall time and command (an earlier leg's command is not recorded).
+    """
+    done = meta["rounds_completed"]
+    if meta.get("from_partial"):
+        total = meta.get("config", {}).get("rounds", "?")
+        return (
+            f"the first {done} of {total} rounds of an unfinished run "
+            f"({meta['seconds'] / 60:.1f} min of method runs), rendered by"
+        )
+    first = meta.get("resumed_after_round") or 0
+    if first:
+        method_min = sum(r.get("seconds", 0.0) for r in records) / 60
+        return (
+            f"{done} round(s) run in legs ({method_min:.1f} min of method runs in all); the last leg "
+            f"resumed after round {first} and took {meta['seconds'] / 60:.1f} min. Its command"
+        )
+    return f"{done} round(s), {meta['seconds'] / 60:.1f} min. Command"
+
+
 def render_markdown(results: dict) -> str:
     """The full comparison as markdown: one table per task, then the goal checks."""
     meta, summary = results["meta"], summarize(results["records"])
-    rounds = f"{meta['rounds_completed']} round(s), {meta['seconds'] / 60:.1f} min. Command"
-    if meta.get("from_partial"):
-        total = meta.get("config", {}).get("rounds", "?")
-        rounds = (
-            f"the first {meta['rounds_completed']} of {total} rounds of an unfinished run "
-            f"({meta['seconds'] / 60:.1f} min of method runs), rendered by"
-        )
     lines = [
         f"Model: {meta['model']} ({meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}); "
-        f"{rounds}: `{meta['command']}`.",
+        f"{_run_line(meta, results['records'])}: `{meta['command']}`.",
         "",
         "Kept tokens are counted at question time (after the last input segment; mean over layers and "
         "KV heads). Presses compress the long first segment at prefill and are matched per sample to the "
