@@ -271,11 +271,12 @@ class PressMethod(_Method):
     def _kept_tokens(self, cache) -> float:
         """Mean kept tokens per (layer, KV head); DMSPress masks entries instead of removing them."""
         lengths = []
-        for layer_idx, layer in enumerate(cache.layers):
+        attns = attention_modules(self.model)
+        for layer, attn in zip(cache.layers, attns, strict=True):
             b, h, n, _ = layer.keys.shape
             masked = 0
             if self.press_name == "dms_press":
-                idx = attention_modules(self.model)[layer_idx].masked_key_indices
+                idx = attn.masked_key_indices
                 masked = 0 if idx is None else len(idx[0])
             lengths.append(n - masked / (b * h))
         return float(sum(lengths) / len(lengths))

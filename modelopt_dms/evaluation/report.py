@@ -165,15 +165,15 @@ def _run_line(meta: dict, records: list[dict]) -> str:
     last leg's wall time and command (an earlier leg's command is not recorded).
     """
     done = meta["rounds_completed"]
+    method_min = sum(r.get("seconds", 0.0) for r in records) / 60
     if meta.get("from_partial"):
         total = meta.get("config", {}).get("rounds", "?")
         return (
             f"the first {done} of {total} rounds of an unfinished run "
-            f"({meta['seconds'] / 60:.1f} min of method runs), rendered by"
+            f"({method_min:.1f} min of method runs), rendered by"
         )
     first = meta.get("resumed_after_round") or 0
     if first:
-        method_min = sum(r.get("seconds", 0.0) for r in records) / 60
         return (
             f"{done} round(s) run in legs ({method_min:.1f} min of method runs in all); the last leg "
             f"resumed after round {first} and took {meta['seconds'] / 60:.1f} min. Its command"
