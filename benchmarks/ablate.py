@@ -52,6 +52,7 @@ from common import command_line, log, write_outputs
 import modelopt_dms as dms  # noqa: F401  (registers the mode before recipes load models)
 from modelopt_dms.fileio import atomic_write_json
 from modelopt_dms.pipelines.train import run_recipe
+from modelopt_dms.schema import read_recipe_mapping
 from modelopt_dms.training.recipe import load_train_recipe
 
 __all__ = ["apply_overrides", "load_spec", "main", "token_budget"]
@@ -99,7 +100,7 @@ def _variant_recipes(spec: dict) -> dict[str, Path]:
     """Write one recipe file per variant under ``root`` and check the equal token budget."""
     root = Path(spec["root"])
     root.mkdir(parents=True, exist_ok=True)
-    base_raw = yaml.safe_load(Path(spec["base"]).read_text())
+    base_raw = read_recipe_mapping(spec["base"])  # with its own base: chain merged in
     base_tokens = None
     paths, all_weights = {}, []
     for name, overrides in spec["variants"].items():

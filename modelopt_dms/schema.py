@@ -2,6 +2,12 @@
 
 A recipe is a YAML mapping of sections; every section is a pydantic model that rejects unknown
 keys, and every problem is reported as ``section.key: message`` in one :class:`RecipeError`.
+
+A recipe may start from another one with ``base: <file>`` (a path relative to the recipe's own
+folder): the base is read first (it may have a base of its own), then each section the recipe
+names overrides the base's section key by key. A key's value replaces the base's whole, mappings
+such as ``data.sources`` included, and ``null`` replaces too (``init_adapters: null`` drops a
+warm start). What is validated, fingerprinted and recorded is the merged recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +18,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["ModelSection", "RecipeError", "Section", "format_validation_error", "load_yaml_recipe"]
+__all__ = [
+    "ModelSection",
+    "RecipeError",
+    "Section",
+    "format_validation_error",
+    "load_yaml_recipe",
+    "read_recipe_mapping",
+]
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -55,15 +68,51 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]
     return lines
 
 
-def load_yaml_recipe(path: str | Path, schema: type[R], required: tuple[str, ...], kind: str) -> R:
-    """Read ``path`` and validate it as ``schema``; the ``required`` sections must be present."""
+def _merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: sections merge key by key; every value (mappings too) replaces."""
+    merged = dict(base)
+    for name, section in child.items():
+        inherited = merged.get(name)
+        if isinstance(section, dict) and isinstance(inherited, dict):
+            merged[name] = {**inherited, **section}
+        else:
+            merged[name] = section
+    return merged
+
+
+def read_recipe_mapping(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The YAML of ``path`` with its ``base:`` chain merged in (not validated; see the module doc)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"Recipe file not found: {path}")
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise RecipeError(f"Recipe file not found: {path}{where}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    base_name = raw.pop("base")
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise RecipeError(f"Recipe {path}: base must be the path of another recipe file, got {base_name!r}")
+    base_path = (path.parent / base_name).resolve()
+    seen = (*chain, path.resolve())
+    if base_path in seen:
+        loop = " -> ".join(str(p) for p in (*seen, base_path))
+        raise RecipeError(f"Recipe {path}: its base chain loops ({loop}); remove one base: key")
+    base = read_recipe_mapping(base_path, seen)
+    if not isinstance(base, dict):
+        raise RecipeError(f"Recipe {base_path} (the base of {path}) must be a mapping of sections")
+    return _merge_sections(base, raw)
+
+
+def load_yaml_recipe(path: str | Path, schema: type[R], required: tuple[str, ...], kind: str) -> R:
+    """Read ``path`` (and its ``base:`` chain) and validate it as ``schema``.
+
+    The ``required`` sections must be present in the recipe or one of its bases.
+    """
+    path = Path(path)
+    raw = read_recipe_mapping(path)
     sections = ", ".join(schema.model_fields)
     if raw is None:
         raise RecipeError(

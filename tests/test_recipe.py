@@ -158,6 +158,71 @@ def test_cli_reports_a_bad_recipe_with_exit_code_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------ base: recipes
+def test_a_recipe_overrides_its_base_key_by_key(tmp_path):
+    base = _tiny_dict()
+    base["data"]["sources"] = {"a/*.txt": 1.0, "b/*.txt": 2.0}
+    del base["data"]["text_glob"]
+    base["train"]["init_adapters"] = "warm/adapters"
+    (tmp_path / "common").mkdir()
+    _write(tmp_path / "common", base, "base.yaml")
+    child = {
+        "base": "common/base.yaml",  # relative to the child's folder, not the working directory
+        "dms": {"window_size": 4},
+        "data": {"sources": {"c/*.txt": 1.0}},  # a mapping value replaces the base's whole
+        "train": {"init_adapters": None, "steps": 7},  # null replaces too
+    }
+    got = load_recipe(_write(tmp_path, child, "child.yaml"))
+    want = copy.deepcopy(base)
+    want["dms"]["window_size"] = 4
+    want["data"]["sources"] = {"c/*.txt": 1.0}
+    want["train"].update(init_adapters=None, steps=7)
+    assert got == load_recipe(_write(tmp_path, want, "written_out.yaml"))
+    assert got != load_recipe(tmp_path / "common" / "base.yaml")
+
+    # a chain of bases: the grandchild sees the child's overrides and its own
+    grandchild = {"base": "child.yaml", "train": {"steps": 9}}
+    want["train"]["steps"] = 9
+    assert load_recipe(_write(tmp_path, grandchild, "grandchild.yaml")) == load_recipe(
+        _write(tmp_path, want, "written_out_2.yaml")
+    )
+
+
+def test_a_base_supplies_the_required_sections_and_the_merge_is_validated(tmp_path):
+    _write(tmp_path, _tiny_dict(), "base.yaml")
+    only_base = load_recipe(_write(tmp_path, {"base": "base.yaml"}, "same.yaml"))
+    assert only_base == load_recipe(TINY)
+    with pytest.raises(RecipeError, match=r"train\.stpes.*unknown key"):
+        load_recipe(_write(tmp_path, {"base": "base.yaml", "train": {"stpes": 3}}, "typo.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"r.yaml": {"base": "missing.yaml", "train": {}}}, r"missing\.yaml.*the base of .*r\.yaml"),
+        ({"r.yaml": {"base": 3}}, "base must be the path of another recipe file"),
+        ({"r.yaml": {"base": "s.yaml"}, "s.yaml": {"base": "r.yaml"}}, "base chain loops"),
+        ({"r.yaml": {"base": "r.yaml"}}, "base chain loops"),
+        ({"r.yaml": {"base": "s.yaml"}, "s.yaml": "[1, 2]\n"}, "must be a mapping of sections"),
+    ],
+)
+def test_bad_base_chains_are_refused(tmp_path, files, match):
+    for name, data in files.items():
+        _write(tmp_path, data, name)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_an_eval_recipe_can_have_a_base(tmp_path):
+    committed = RECIPES / "eval_smollm2_135m_short.yaml"
+    raw = yaml.safe_load(committed.read_text())
+    _write(tmp_path, raw, "base.yaml")
+    got = load_eval_recipe(_write(tmp_path, {"base": "base.yaml", "eval": {"rounds": 3}}, "e.yaml"))
+    assert got.eval.rounds == 3
+    same = load_eval_recipe(committed).eval.model_dump(exclude={"rounds"})
+    assert got.eval.model_dump(exclude={"rounds"}) == same
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "*.yaml"))), ids=lambda p: Path(p).name)
 def test_committed_recipes_validate(path):
     if Path(path).name.startswith("eval_"):  # comparison recipes: they name committed adapters
@@ -175,6 +240,25 @@ def test_committed_recipes_validate(path):
         assert recipe.train.snapshot_every > 0
     assert recipe.train.anneal_steps <= recipe.train.steps
     assert cfg.window_size < recipe.data.seq_len
+
+
+_TRAIN_RECIPES = [p for p in sorted(glob.glob(str(RECIPES / "*.yaml"))) if "eval_" not in Path(p).name]
+
+
+@pytest.mark.parametrize("path", _TRAIN_RECIPES, ids=lambda p: Path(p).name)
+def test_committed_recipes_still_resume_their_committed_runs(path):
+    """A recipe edit (a base: rewrite, a new default) must not orphan the run folder it trains into."""
+    from modelopt_dms.outputs import read_marker
+    from modelopt_dms.pipelines.train import _fingerprint, _fingerprint_defaults
+    from modelopt_dms.training.run_folder import _diff
+
+    recipe = load_recipe(path)
+    marker = read_marker(RECIPES.parent / recipe.output.dir)
+    if marker is None:
+        assert not (RECIPES.parent / recipe.output.dir).exists() or Path(path) == TINY
+        return
+    recorded = marker["fingerprint"]
+    assert _diff(recorded, _fingerprint(recipe, recorded["world_size"]), _fingerprint_defaults()) == []
 
 
 def test_tiny_recipe_is_committed():
