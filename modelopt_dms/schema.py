@@ -5,9 +5,10 @@ keys, and every problem is reported as ``section.key: message`` in one :class:`R
 
 A recipe may start from another one with ``base: <file>`` (a path relative to the recipe's own
 folder): the base is read first (it may have a base of its own), then each section the recipe
-names overrides the base's section key by key. A key's value replaces the base's whole, mappings
-such as ``data.sources`` included, and ``null`` replaces too (``init_adapters: null`` drops a
-warm start). What is validated, fingerprinted and recorded is the merged recipe.
+names overrides the base's section key by key (an empty section overrides nothing). A key's value
+replaces the base's whole, mappings such as ``data.sources`` included, and ``null`` replaces too
+(``init_adapters: null`` drops a warm start). What is validated, fingerprinted and recorded is the
+merged recipe; its errors name the base chain.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def _merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, An
     merged = dict(base)
     for name, section in child.items():
         inherited = merged.get(name)
+        if section is None and name in merged:  # an empty section (`train:`) overrides nothing
+            continue
         if isinstance(section, dict) and isinstance(inherited, dict):
             merged[name] = {**inherited, **section}
         else:
@@ -80,9 +83,13 @@ def _merge_sections(base: dict[str, Any], child: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def read_recipe_mapping(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
+def read_recipe_mapping(path: str | Path) -> Any:
     """The YAML of ``path`` with its ``base:`` chain merged in (not validated; see the module doc)."""
-    path = Path(path)
+    return _read_with_bases(Path(path), ())[0]
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[Any, list[Path]]:
+    """The merged YAML of ``path`` and the bases it was merged from (nearest first)."""
     if not path.is_file():
         where = f" (the base of {chain[-1]})" if chain else ""
         raise RecipeError(f"Recipe file not found: {path}{where}")
@@ -91,7 +98,7 @@ def read_recipe_mapping(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
     except yaml.YAMLError as err:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict) or "base" not in raw:
-        return raw
+        return raw, []
     base_name = raw.pop("base")
     if not isinstance(base_name, str) or not base_name.strip():
         raise RecipeError(f"Recipe {path}: base must be the path of another recipe file, got {base_name!r}")
@@ -100,10 +107,10 @@ def read_recipe_mapping(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
     if base_path in seen:
         loop = " -> ".join(str(p) for p in (*seen, base_path))
         raise RecipeError(f"Recipe {path}: its base chain loops ({loop}); remove one base: key")
-    base = read_recipe_mapping(base_path, seen)
+    base, bases = _read_with_bases(base_path, seen)
     if not isinstance(base, dict):
         raise RecipeError(f"Recipe {base_path} (the base of {path}) must be a mapping of sections")
-    return _merge_sections(base, raw)
+    return _merge_sections(base, raw), [base_path, *bases]
 
 
 def load_yaml_recipe(path: str | Path, schema: type[R], required: tuple[str, ...], kind: str) -> R:
@@ -112,7 +119,8 @@ def load_yaml_recipe(path: str | Path, schema: type[R], required: tuple[str, ...
     The ``required`` sections must be present in the recipe or one of its bases.
     """
     path = Path(path)
-    raw = read_recipe_mapping(path)
+    raw, bases = _read_with_bases(path, ())
+    named = f"{path} (on base {' <- '.join(str(b) for b in bases)})" if bases else str(path)
     sections = ", ".join(schema.model_fields)
     if raw is None:
         raise RecipeError(
@@ -124,10 +132,10 @@ def load_yaml_recipe(path: str | Path, schema: type[R], required: tuple[str, ...
     missing = [s for s in required if s not in raw]
     if missing:
         raise RecipeError(
-            f"Recipe {path} has no {', '.join(missing)} section(s): a {kind} recipe names them "
+            f"Recipe {named} has no {', '.join(missing)} section(s): a {kind} recipe names them "
             f"explicitly (an empty section means defaults); see recipes/ for examples."
         )
     try:
         return schema(**{k: ({} if v is None else v) for k, v in raw.items()})
     except ValidationError as err:
-        raise RecipeError("\n".join([f"Invalid recipe {path}:", *format_validation_error(err)])) from None
+        raise RecipeError("\n".join([f"Invalid recipe {named}:", *format_validation_error(err)])) from None

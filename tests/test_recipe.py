@@ -192,8 +192,13 @@ def test_a_base_supplies_the_required_sections_and_the_merge_is_validated(tmp_pa
     _write(tmp_path, _tiny_dict(), "base.yaml")
     only_base = load_recipe(_write(tmp_path, {"base": "base.yaml"}, "same.yaml"))
     assert only_base == load_recipe(TINY)
-    with pytest.raises(RecipeError, match=r"train\.stpes.*unknown key"):
+    with pytest.raises(
+        RecipeError, match=r"typo\.yaml \(on base .*base\.yaml\)(.|\n)*train\.stpes.*unknown key"
+    ):
         load_recipe(_write(tmp_path, {"base": "base.yaml", "train": {"stpes": 3}}, "typo.yaml"))
+    # an empty section in the recipe overrides nothing (without a base it would mean defaults)
+    empty = load_recipe(_write(tmp_path, "base: base.yaml\ntrain:\ndms:\n", "empty.yaml"))
+    assert empty == only_base and empty.train != load_recipe(_write(tmp_path, "model:\ndms:\ntrain:\n")).train
 
 
 @pytest.mark.parametrize(
