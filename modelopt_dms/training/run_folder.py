@@ -89,6 +89,11 @@ class RunFolder:
                     "marker); nothing in it is touched. Choose a new or empty output.dir."
                 )
 
+    def changed_settings(self) -> list[str]:
+        """The settings (``key: old -> new``) in which this run differs from the one the folder holds."""
+        recorded = (read_marker(self.path) or {}).get("fingerprint", {})
+        return _diff(recorded, self.fingerprint, self.defaults)
+
     @property
     def resumes(self) -> bool:
         """Whether the run goes on from the folder's checkpoint: there is one and no restart is asked."""
@@ -103,8 +108,7 @@ class RunFolder:
             self._check_ownership()  # again, under the lock
             if self.resumes:
                 ckpt = latest_checkpoint(str(self.path))
-                old = (read_marker(self.path) or {}).get("fingerprint", {})
-                changed = _diff(old, self.fingerprint, self.defaults)
+                changed = self.changed_settings()
                 if changed:
                     raise RunConflictError(
                         f"output.dir {self.path} holds a checkpoint of a different run; changed: "
