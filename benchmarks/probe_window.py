@@ -5,8 +5,8 @@ decision is final, so trained heads cannot keep "the last few hundred tokens" th
 does. At CR 8 after 2K tokens the window (65 tokens) is a quarter of the cache. This probe runs
 trained heads with other *inference* windows, recalibrates the decision threshold (``logit_offset``)
 so that each reaches the same achieved CR on training-split rows, and measures KL and top-1
-agreement on held-out rows over the same positions. The heads were trained for their own window, so
-a gain here is a lower bound on what training with that window would give.
+agreement on held-out rows over the same positions. The heads were trained for their own window:
+heads trained for another one would choose differently, so this does not bound what such training gives.
 
     .venv/bin/python benchmarks/probe_window.py --adapters artifacts/smollm2_135m_dms_cr8 \
         --target 8 --windows 64 128 192 --out benchmarks/results/window/probe_window_cr8.json
