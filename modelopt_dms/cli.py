@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sel.add_argument("--margin", type=float, default=0.05, help="calibrate to target x (1 + margin)")
     sel.add_argument(
+        "--candidate-cr",
+        type=float,
+        default=None,
+        help="with --calibrate: also calibrate snapshots that reach only this CR at their trained threshold "
+        "(default: --target)",
+    )
+    sel.add_argument(
         "--from-step",
         type=int,
         default=0,
@@ -116,6 +123,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             calibrate=args.calibrate,
             margin=args.margin,
             from_step=args.from_step,
+            candidate_cr=args.candidate_cr,
         )
     elif args.command == "export":
         export_model(

@@ -142,3 +142,41 @@ def test_select_calibrate_publishes_the_calibrated_threshold(tmp_path, monkeypat
     best = min(tried, key=lambda c: (c["kl"], -c["step"]))
     assert record["chosen"]["step"] == best["step"]
     assert {k: best[k] for k in cal} == cal
+
+
+def test_select_candidate_cr_calibrates_snapshots_under_the_target(tmp_path, monkeypatch, capsys):
+    """A run whose snapshots all sit under the target at their trained threshold: plain selection is
+    refused; ``--candidate-cr`` lets calibration lower the threshold of each front snapshot to reach it."""
+    recipe = _train_tiny(tmp_path, monkeypatch, snapshot_every=2)
+    base_args = ["select", str(recipe), "--out", str(tmp_path / "probe"), "--context", "64"]
+    assert main([*base_args, "--target", "1.0"]) == 0
+    record = json.loads((tmp_path / "run" / "selection_cr1.json").read_text())
+    scores = [SnapshotScore(**s) for s in record["snapshots"]]
+    top = max(s.compression_ratio for s in scores)
+    target = round(top * 1.1, 3)  # no snapshot reaches it at its trained threshold
+    args = ["select", str(recipe), "--target", str(target), "--out", str(tmp_path / "out"), "--context", "64"]
+    assert main([*args, "--calibrate", "--margin", "0"]) == 2  # names the highest CR, writes nothing
+    assert "no snapshot reaches CR" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main([*args, "--candidate-cr", "1.0"]) == 2  # only with --calibrate
+    assert "needs --calibrate" in capsys.readouterr().err
+
+    assert main([*args, "--calibrate", "--margin", "0", "--candidate-cr", "1.0"]) == 0
+    record = json.loads((tmp_path / "run" / f"selection_cr{target:g}.json").read_text())
+    assert record["candidate_cr"] == 1.0 and "--candidate-cr" in record["rule"]
+    tried = record["calibrated_candidates"]
+    assert [c["step"] for c in tried] == [s.step for s in pareto_front(scores, 1.0)]
+    cal = record["calibration"]
+    assert cal["compression_ratio"] >= target > top
+    saved = json.loads((tmp_path / "out" / "dms_adapters.json").read_text())["dms_config"]
+    snap = snapshot_path(tmp_path / "run", record["chosen"]["step"]) / "dms_adapters.json"
+    trained = json.loads(snap.read_text())["dms_config"]["logit_offset"]
+    assert saved["logit_offset"] == cal["logit_offset"] < trained  # lowered: more evictions
+    # the published threshold reproduces the calibrated CR on the same rows
+    model = dms.load_adapters(tiny_model(), tmp_path / "out")
+    assert dms.dms_config(model).logit_offset == cal["logit_offset"]
+    # a goal no threshold reaches: every candidate is skipped with its reason, then refused, nothing written
+    unreachable = ["select", str(recipe), "--target", "50", "--out", str(tmp_path / "none"), "--context", "64"]
+    assert main([*unreachable, "--calibrate", "--candidate-cr", "1.0"]) == 2
+    out, err = capsys.readouterr()
+    assert "skipped: no decision offset reaches CR" in out
+    assert "no candidate snapshot calibrates to CR 52.50" in err and not (tmp_path / "none").exists()

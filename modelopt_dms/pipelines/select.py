@@ -51,6 +51,7 @@ def select_from_recipe(
     calibrate: bool = False,
     margin: float = 0.05,
     from_step: int = 0,
+    candidate_cr: float | None = None,
 ) -> dict[str, Any]:
     """Score the snapshots of the recipe's run, save the chosen adapters to ``out``; returns the record.
 
@@ -68,6 +69,11 @@ def select_from_recipe(
     """
     if not target >= 1.0:
         raise ValueError(f"--target is a compression ratio >= 1, got {target}")
+    if candidate_cr is not None and not (calibrate and 1.0 <= candidate_cr <= target):
+        raise ValueError(
+            f"--candidate-cr {candidate_cr} needs --calibrate and a CR between 1 and --target ({target})"
+        )
+    floor = target if candidate_cr is None else candidate_cr
     recipe = load_train_recipe(recipe_path)
     run_dir = user_path(recipe.output.dir)
     if not list_snapshots(run_dir):  # before loading the model (this message names the recipe)
@@ -86,25 +92,21 @@ def select_from_recipe(
     window = recipe.dms.window_size
     base = copy.deepcopy(model) if calibrate else None  # each candidate is calibrated on a fresh copy
     choice, scores = select_snapshot(
-        model, run_dir, ids, target, window, log, reference, from_step, load_choice=not calibrate
+        model, run_dir, ids, floor, window, log, reference, from_step, load_choice=not calibrate
     )
     calibration, config, candidates = None, None, []
     if calibrate:
         del model
-        for snap in pareto_front(scores, target):
-            candidate = copy.deepcopy(base)
-            load_adapters(candidate, snap.path)
-            log(f"[calibrate] step {snap.step} (CR {snap.compression_ratio:.2f}, KL {snap.kl:.4f})")
-            found = calibrate_decision_offset(candidate, ids, target, window, reference, margin, log=log)
-            candidates.append((snap, found, dms_config(candidate)))
-            del candidate
+        front = pareto_front(scores, floor)
+        candidates = _calibrate_front(base, front, ids, target, window, reference, margin, log)
         choice, calibration, config = _lowest_calibrated_kl(candidates)
     # the scored snapshot itself: its LoRA deltas, merged into ``model`` while scoring, stay deltas
     copy_adapters(choice.path, out_path, config=config)
     rule = "lowest KL (past the window) among snapshots whose achieved CR >= target"
     if calibrate:
+        reach = "target" if candidate_cr is None else f"{floor:g} (--candidate-cr)"
         rule = (
-            "lowest KL (past the window) after calibration, among snapshots whose achieved CR >= target "
+            f"lowest KL (past the window) after calibration, among snapshots whose achieved CR >= {reach} "
             "that no other snapshot beats on both CR and KL"
         )
     record = {
@@ -113,6 +115,7 @@ def select_from_recipe(
         "context": context,
         "rows": rows,
         "from_step": from_step,
+        "candidate_cr": floor if calibrate else None,
         "rule": rule,
         "chosen": choice.to_dict(),
         "snapshots": [s.to_dict() for s in scores],
@@ -134,6 +137,38 @@ def select_from_recipe(
             f"CR {calibration.compression_ratio:.2f}, KL {calibration.kl:.4f}"
         )
     return record
+
+
+def _calibrate_front(
+    base: torch.nn.Module,
+    front: list[SnapshotScore],
+    ids: torch.Tensor,
+    target: float,
+    window: int,
+    reference: list[torch.Tensor],
+    margin: float,
+    log: Callable[[str], None],
+) -> list[tuple[SnapshotScore, Calibration, Any]]:
+    """Calibrate each front snapshot on a fresh copy of ``base``.
+
+    Those no threshold brings to the goal are logged and skipped (refused when none is left).
+    """
+    done = []
+    for snap in front:
+        candidate = copy.deepcopy(base)
+        load_adapters(candidate, snap.path)
+        log(f"[calibrate] step {snap.step} (CR {snap.compression_ratio:.2f}, KL {snap.kl:.4f})")
+        try:
+            found = calibrate_decision_offset(candidate, ids, target, window, reference, margin, log=log)
+        except ValueError as err:
+            log(f"[calibrate] step {snap.step} skipped: {err}")
+            continue
+        done.append((snap, found, dms_config(candidate)))
+    if not done:
+        raise ValueError(
+            f"no candidate snapshot calibrates to CR {target * (1 + margin):.2f}: lower --target or --margin"
+        )
+    return done
 
 
 def _lowest_calibrated_kl(candidates: list[tuple[SnapshotScore, Calibration, Any]]) -> tuple:
