@@ -175,7 +175,8 @@ def test_select_candidate_cr_calibrates_snapshots_under_the_target(tmp_path, mon
     model = dms.load_adapters(tiny_model(), tmp_path / "out")
     assert dms.dms_config(model).logit_offset == cal["logit_offset"]
     # a goal no threshold reaches: every candidate is skipped with its reason, then refused, nothing written
-    unreachable = ["select", str(recipe), "--target", "50", "--out", str(tmp_path / "none"), "--context", "64"]
+    none = str(tmp_path / "none")
+    unreachable = ["select", str(recipe), "--target", "50", "--out", none, "--context", "64"]
     assert main([*unreachable, "--calibrate", "--candidate-cr", "1.0"]) == 2
     out, err = capsys.readouterr()
     assert "skipped: no decision offset reaches CR" in out
