@@ -82,14 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     # LoRA heads change the model's logits, so the uncompressed reference is the base model with
     # DMS applied and no adapters; its window does not matter (nothing is evicted), so build it once.
     ref_model = None
-    if lora:
-        first = dms.load_adapters(copy.deepcopy(base), args.adapters)
-        ref_model = dms.apply_dms(copy.deepcopy(base), dms.dms_config(first))
-        del first
     reference = None
     for w in args.windows:
         model = dms.load_adapters(copy.deepcopy(base), args.adapters)
         trained_window = dms.dms_config(model).window_size
+        if lora and ref_model is None:
+            ref_model = dms.apply_dms(copy.deepcopy(base), dms.dms_config(model))
         set_window(model, w)
         if reference is None:
             reference = uncompressed_logits(ref_model if lora else model, calib)

@@ -171,7 +171,7 @@ def test_select_candidate_cr_calibrates_snapshots_under_the_target(tmp_path, mon
     snap = snapshot_path(tmp_path / "run", record["chosen"]["step"]) / "dms_adapters.json"
     trained = json.loads(snap.read_text())["dms_config"]["logit_offset"]
     assert saved["logit_offset"] == cal["logit_offset"] < trained  # lowered: more evictions
-    # the published threshold reproduces the calibrated CR on the same rows
+    # loading the artifact carries the calibrated threshold
     model = dms.load_adapters(tiny_model(), tmp_path / "out")
     assert dms.dms_config(model).logit_offset == cal["logit_offset"]
     # a goal no threshold reaches: every candidate is skipped with its reason, then refused, nothing written
