@@ -87,7 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--onnx", default=None, help="also write the ONNX step graph here")
     exp.add_argument("--overwrite", action="store_true")
 
-    ev = sub.add_parser("eval", help="compare uncompressed, DMS and kvpress presses (an evaluation recipe)")
+    ev = sub.add_parser(
+        "eval",
+        help="compare uncompressed, DMS and kvpress presses (an evaluation recipe)",
+        description=(
+            "Compare uncompressed, DMS and kvpress presses round by round. A stopped run resumes "
+            "from results.partial.json in its output folder; new heads for one label recompute only "
+            "that label's methods (its DMS heads and the presses at its budget)."
+        ),
+    )
     ev.add_argument("recipe", help="evaluation recipe YAML (see recipes/eval_smollm2_135m.yaml)")
     ev.add_argument("--time-budget-min", type=float, default=None, help="stop after the last round that fits")
     ev.add_argument("--rounds", type=int, default=None, help="override eval.rounds")

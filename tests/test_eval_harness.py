@@ -594,7 +594,7 @@ def test_cli_eval_resumes_after_the_last_finished_round(tmp_path, monkeypatch, t
     assert strip(resumed["records"]) == strip(whole["records"])
     assert not (tmp_path / "cut" / harness.PARTIAL_NAME).exists()
 
-    # other heads: the partial run of the first ones is not reused
+    # other cr4 heads: only the reference's finished round is reused
     monkeypatch.setattr(harness, "_make_sample", dies_in_round_2)
     with pytest.raises(RuntimeError, match="killed"):
         main([*args, "--out", "other"])
@@ -603,12 +603,25 @@ def test_cli_eval_resumes_after_the_last_finished_round(tmp_path, monkeypatch, t
         dms.dms_modules(model)[0].dms_adapter.proj.weight.mul_(2.0)
     dms.save_adapters(model, tmp_path / "adapters")
     seen.clear()
-    monkeypatch.setattr(harness, "_make_sample", make_sample)
+    monkeypatch.setattr(harness, "_make_sample", counted)
     assert main([*args, "--out", "other"]) == 0
     out = capsys.readouterr().out
-    assert "from another comparison" in out and "resuming" not in out
+    assert "the heads of cr4 changed" in out and "resuming after round 0 of 2" in out
+    assert set(seen) == {0, 1}  # the cr4 methods run round 1 again (only the reference is kept)
     other = json.loads((tmp_path / "other" / "results.json").read_text())
     assert other["meta"]["resumed_after_round"] == 0 and other["meta"]["key"] != whole["meta"]["key"]
+
+    # other settings: nothing is reused
+    monkeypatch.setattr(harness, "_make_sample", dies_in_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--out", "settings"])
+    recipe = (tmp_path / "eval.yaml").read_text()
+    (tmp_path / "eval.yaml").write_text(recipe.replace("press_window: 16", "press_window: 8"))
+    monkeypatch.setattr(harness, "_make_sample", make_sample)
+    capsys.readouterr()
+    assert main([*args, "--out", "settings"]) == 0
+    out = capsys.readouterr().out
+    assert "from another comparison" in out and "resuming" not in out
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -621,3 +634,85 @@ def test_wilson_interval_matches_the_textbook_values():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(4, 3)
+
+
+def test_new_heads_for_one_label_recompute_only_that_labels_methods(tmp_path, monkeypatch, tok, capsys):
+    """Heads of cr8 replaced after round 1 of 2: the resumed run recomputes round 1 for dms@cr8 and
+    the presses at cr8 only (the reference runs again only where a scored sample needs its logits),
+    keeps the reference and cr4 records, and ends with the records of an uninterrupted run with the
+    new heads."""
+    import shutil
+
+    from modelopt_dms.cli import main
+    from modelopt_dms.evaluation import harness
+
+    _tiny_eval_workspace(tmp_path, monkeypatch, tok)
+    shutil.copytree(tmp_path / "adapters", tmp_path / "adapters8")
+    (tmp_path / "eval.yaml").write_text(
+        "model: {name_or_path: ./tiny}\n"
+        "eval: {adapters: {cr4: adapters, cr8: adapters8}, presses: [streaming_llm],\n"
+        "  budgets: {cr4: 4.0, cr8: 8.0}, fidelity_contexts: [200], continuation_tokens: 16,\n"
+        "  needle_contexts: [200], multi_needle_contexts: [], multi_turn_contexts: [], rounds: 2,\n"
+        "  press_window: 16, text_glob: text/*.txt, heldout_fraction: 0.25, out_dir: out}\n"
+    )
+    args = ["eval", "eval.yaml", "--no-progress", "--rounds", "2"]
+    make_sample, evaluate = harness._make_sample, harness.evaluate_sample
+    current, runs = {}, []
+
+    def tracked(cell, rnd, *a, **kw):
+        if rnd == current.get("die_at"):
+            raise RuntimeError("killed")  # what a kill mid-round leaves: round 1's records only
+        current["round"] = rnd
+        return make_sample(cell, rnd, *a, **kw)
+
+    def counted(sample, methods, *a, **kw):
+        runs.extend((current["round"], sample.task, m.name) for m in methods)
+        return evaluate(sample, methods, *a, **kw)
+
+    monkeypatch.setattr(harness, "_make_sample", tracked)
+    monkeypatch.setattr(harness, "evaluate_sample", counted)
+    current["die_at"] = 1
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*args, "--out", "cut"])
+    before = json.loads((tmp_path / "cut" / harness.PARTIAL_NAME).read_text())["records"]
+
+    model = dms.load_adapters(tiny_model("llama", attn="sdpa", seed=2), tmp_path / "adapters8")
+    with torch.no_grad():  # other cr8 heads
+        for m in dms.dms_modules(model):
+            m.dms_adapter.proj.weight.mul_(3.0)
+    dms.save_adapters(model, tmp_path / "adapters8")
+
+    current["die_at"], runs[:] = None, []
+    capsys.readouterr()
+    assert main([*args, "--out", "cut"]) == 0
+    out = capsys.readouterr().out
+    assert "the heads of cr8 changed" in out and "resuming after round 0 of 2" in out
+    all_methods = {"uncompressed", "dms@cr4", "dms@cr8", "streaming_llm@cr4", "streaming_llm@cr8"}
+    assert {(t, m) for r, t, m in runs if r == 0} == {
+        ("fidelity", "uncompressed"),  # reference logits only: its record is kept from before
+        ("fidelity", "dms@cr8"),
+        ("fidelity", "streaming_llm@cr8"),
+        ("needle", "dms@cr8"),
+        ("needle", "streaming_llm@cr8"),
+    }
+    assert {(t, m) for r, t, m in runs if r == 1} == {
+        (t, m) for t in ("fidelity", "needle") for m in all_methods
+    }
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert resumed["meta"]["rounds_completed"] == 2
+
+    runs[:] = []
+    assert main([*args, "--out", "whole"]) == 0  # the same comparison uninterrupted, new heads
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(resumed["records"]) == strip(whole["records"])
+    assert resumed["meta"]["key"] == whole["meta"]["key"]
+    # round 1 of the groups whose heads stayed: the records computed before the change
+    assert strip([r for r in resumed["records"] if r["round"] == 0 and r["budget"] != "cr8"]) == strip(
+        [r for r in before if r["budget"] != "cr8"]
+    )
+    old = {(r["task"], r["method"]): r for r in before if r["budget"] == "cr8"}
+    new = {
+        (r["task"], r["method"]): r for r in resumed["records"] if r["round"] == 0 and r["budget"] == "cr8"
+    }
+    assert old.keys() == new.keys() and old != new  # the cr8 records are the new heads'

@@ -6,6 +6,11 @@ round that fits (the first round always runs). Samples depend only on the round 
 resumable: after every round the records so far go to ``results.partial.json`` in the output folder,
 and a later run of the same comparison (same model, settings and adapter tensors) continues after
 the last finished round instead of starting again.
+
+Methods form *groups* that share their inputs: the uncompressed reference, and per budget label the
+DMS heads of that label with every press at that budget (presses match the DMS kept-token count).
+Each group has its own key, so new heads for one label recompute only that label's group in the
+finished rounds; the other groups' records are kept.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "build_methods",
     "comparison_key",
     "evaluate_sample",
+    "group_keys",
     "results_from_partial",
     "run_comparison",
     "save_results",
@@ -199,19 +205,20 @@ def run_comparison(
     cells = task_cells(cfg)
     log(f"[eval] {len(methods)} methods x {len(cells)} task cells x up to {cfg.rounds} rounds")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    key = comparison_key(cfg, model_name)
+    key, keys = comparison_key(cfg, model_name), group_keys(cfg, model_name)
     partial_path = os.path.join(cfg.out_dir, PARTIAL_NAME)
-    records, first = _resume(partial_path, key, cfg.rounds, log)
+    records, done = _resume(partial_path, key, keys, cfg.rounds, log)
+    first = min(done.values())
+    runs_per_round = len(cells) * len(methods)
     bar = tqdm(
-        total=cfg.rounds * len(cells) * len(methods),
-        initial=first * len(cells) * len(methods),
-        disable=not progress,
-        unit="run",
+        total=cfg.rounds * runs_per_round, initial=first * runs_per_round, disable=not progress, unit="run"
     )
-    rounds_done, round_s = first, 0.0
+    round_s, last_runs = 0.0, 1
     for rnd in range(first, cfg.rounds):
+        todo = {g for g, n in done.items() if n <= rnd}
+        runs = sum(_group(m.budget) in todo for m in methods)  # a round may run only some groups
         elapsed = time.time() - t_start
-        if rnd > first and budget_s is not None and elapsed + round_s > budget_s:
+        if rnd > first and budget_s is not None and elapsed + round_s * runs / last_runs > budget_s:
             log(
                 f"[eval] stopping after {rnd} round(s): the next would pass the "
                 f"{cfg.time_budget_min} min budget"
@@ -221,14 +228,18 @@ def run_comparison(
         for cell in cells:
             sample = _make_sample(cell, rnd, tok, stream, windows, cfg)
             bar.set_description(f"round {rnd + 1} {sample.key}")
-            for rec in evaluate_sample(sample, methods, tok, on_method=lambda _n: bar.update(1)):
-                records.append({**rec, "round": rnd})
-        round_s = time.time() - t_round
-        rounds_done = rnd + 1
-        atomic_write_json(
-            partial_path, {"key": key, "rounds_completed": rounds_done, "records": records}, indent=None
-        )
+            run = _methods_to_run(methods, todo, scored=sample.scored is not None)
+            bar.update(runs_per_round // len(cells) - len(run))
+            for rec in evaluate_sample(sample, run, tok, on_method=lambda _n: bar.update(1)):
+                if _group(rec["budget"]) in todo:
+                    records.append({**rec, "round": rnd})
+        round_s, last_runs = time.time() - t_round, runs
+        done.update({g: rnd + 1 for g in todo})
+        _write_partial(partial_path, key, keys, done, records)
+    rounds_done = min(done.values())
+    records = _in_order(records, cells, methods)
     bar.close()
+    records = [r for r in records if r["round"] < rounds_done]
     methods_meta = [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods]
     meta = _meta(cfg, model_name, key, rounds_done, first, time.time() - t_start, methods_meta)
     return {"meta": meta, "records": records}
@@ -263,7 +274,7 @@ def results_from_partial(cfg: EvalConfig, model_name: str) -> dict | None:
     key = comparison_key(cfg, model_name)
     if state is None or state["key"] != key or not state["records"]:
         return None
-    records = state["records"]
+    records = [r for r in state["records"] if r.get("round", 0) < state["done"]]
     methods = list(dict.fromkeys((r["method"], r["family"], r["budget"]) for r in records))
     methods_meta = [{"name": m, "family": f, "budget": b} for m, f, b in methods]
     seconds = sum(r["seconds"] for r in records)
@@ -294,41 +305,125 @@ def comparison_key(cfg: EvalConfig, model_name: str) -> str:
     The model, every setting but the round count, time budget, output folder and threads, and the
     bytes of every adapter file.
     """
+    heads = {label: _heads_digest(folder) for label, folder in sorted(cfg.adapters.items())}
+    return _digest({**_settings(cfg, model_name), "adapters": heads})
+
+
+def group_keys(cfg: EvalConfig, model_name: str) -> dict[str, str]:
+    """One digest per method group: ``uncompressed``, and each budget or adapters label.
+
+    Every key covers the model and settings (as :func:`comparison_key`); a label's key adds the
+    bytes of that label's adapter files only, so other heads leave it unchanged.
+    """
+    settings = _settings(cfg, model_name)
+    keys = {_group(None): _digest(settings)}
+    for label in sorted({*cfg.budgets, *cfg.adapters}):
+        folder = cfg.adapters.get(label)
+        heads = _heads_digest(folder) if folder else None
+        keys[label] = _digest({**settings, "group": label, "adapters": heads})
+    return keys
+
+
+def _settings(cfg: EvalConfig, model_name: str) -> dict:
     settings = {k: v for k, v in cfg.model_dump().items() if k not in _NOT_IN_KEY}
-    heads = {}
-    for label, folder in sorted(cfg.adapters.items()):
-        heads[label] = {
-            name: file_sha256(os.path.join(folder, name))
-            for name in sorted(os.listdir(folder))
-            if name.startswith("dms_adapters.")
-        }
-    blob = json.dumps({"model": model_name, "settings": settings, "adapters": heads}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return {"model": model_name, "settings": settings}
+
+
+def _heads_digest(folder: str) -> dict[str, str]:
+    """SHA-256 of every ``dms_adapters.*`` file in ``folder``."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith("dms_adapters."))
+    return {name: file_sha256(os.path.join(folder, name)) for name in names}
+
+
+def _digest(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _group(budget: str | None) -> str:
+    """The group of a method or record with this budget label (None: the uncompressed reference)."""
+    return "uncompressed" if budget is None else budget
+
+
+def _methods_to_run(methods: list, todo: set[str], scored: bool) -> list:
+    """The methods of the groups in ``todo``, led by the uncompressed reference where needed.
+
+    The reference runs for its own group, or to give a scored sample its reference logits.
+    """
+    dense, rest = methods[0], [m for m in methods[1:] if _group(m.budget) in todo]
+    needs_dense = _group(dense.budget) in todo or (scored and bool(rest))
+    return [dense, *rest] if needs_dense else rest
+
+
+def _in_order(records: list[dict], cells: list[tuple[str, int]], methods: list) -> list[dict]:
+    """Records by round, task cell and method, as an uninterrupted run writes them."""
+    cell_at = {cell: i for i, cell in enumerate(cells)}
+    method_at = {m.name: i for i, m in enumerate(methods)}
+    return sorted(
+        records,
+        key=lambda r: (
+            r["round"],
+            cell_at.get((r["task"], r["context_tokens"]), len(cells)),
+            method_at.get(r["method"], len(methods)),
+        ),
+    )
+
+
+def _write_partial(
+    path: str, key: str, keys: dict[str, str], done: dict[str, int], records: list[dict]
+) -> None:
+    groups = {g: {"key": keys[g], "rounds": done[g]} for g in keys}
+    state = {"key": key, "rounds_completed": min(done.values()), "groups": groups, "records": records}
+    atomic_write_json(path, state, indent=None)
 
 
 def _read_partial(path: str) -> dict | None:
-    """The partial run at ``path`` (key, rounds_completed, records), or None if missing or unreadable."""
+    """The partial run at ``path`` (key, rounds_completed, groups, records), or None if unreadable.
+
+    ``groups`` maps each method group to its key and finished rounds; a file written before groups
+    existed has none (``{}``).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
         done, records = int(state["rounds_completed"]), list(state["records"])
-        return {"key": state["key"], "done": done, "records": records}
-    except (OSError, ValueError, KeyError, TypeError):
+        groups = {
+            str(g): {"key": str(v["key"]), "rounds": int(v["rounds"])}
+            for g, v in state.get("groups", {}).items()
+        }
+        return {"key": state["key"], "done": done, "groups": groups, "records": records}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _resume(path: str, key: str, rounds: int, log: Callable[[str], None]) -> tuple[list[dict], int]:
-    """Records and the first round still to run from ``path``, if it holds this comparison."""
+def _resume(
+    path: str, key: str, keys: dict[str, str], rounds: int, log: Callable[[str], None]
+) -> tuple[list[dict], dict[str, int]]:
+    """Records and the finished rounds per method group, from ``path`` if it holds this comparison.
+
+    A group is reused where its key is unchanged; one whose heads changed starts from round 1 while
+    the others keep their rounds. Other settings or another model: nothing is reused.
+    """
+    fresh = dict.fromkeys(keys, 0)
     if not os.path.isfile(path):
-        return [], 0
+        return [], fresh
     state = _read_partial(path)
     if state is None:
         log(f"[eval] {path} is not a readable partial run: starting from round 1 (it will be replaced)")
-        return [], 0
-    if state["key"] != key:
-        log(f"[eval] {path} is from another comparison (settings or heads differ): starting from round 1")
-        return [], 0
-    done = min(state["done"], rounds)
-    records = [r for r in state["records"] if r.get("round", 0) < done]
-    log(f"[eval] resuming after round {done} of {rounds} ({len(records)} records from {path})")
+        return [], fresh
+    if state["key"] == key:
+        done = {g: min(state["groups"].get(g, {}).get("rounds", state["done"]), rounds) for g in keys}
+    else:
+        old = state["groups"]
+        same = {g for g in keys if g in old and old[g]["key"] == keys[g]}
+        if _group(None) not in same:
+            log(f"[eval] {path} is from another comparison (settings or heads differ): starting from round 1")
+            return [], fresh
+        done = {g: min(old[g]["rounds"], rounds) if g in same else 0 for g in keys}
+        redo = sorted(g for g in keys if g not in same)
+        log(
+            f"[eval] {path}: the heads of {', '.join(redo)} changed; their methods are recomputed "
+            f"from round 1, the other groups keep their finished rounds"
+        )
+    records = [r for r in state["records"] if r.get("round", 0) < done.get(_group(r.get("budget")), 0)]
+    log(f"[eval] resuming after round {min(done.values())} of {rounds} ({len(records)} records from {path})")
     return records, done
