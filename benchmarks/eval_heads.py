@@ -78,7 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--texts", type=int, default=2, help="held-out text windows per (source, context)")
     p.add_argument("--generate", type=int, default=64)
     p.add_argument("--passkey-source", default="python-docs", help="held-out filler text for pass keys")
-    p.add_argument("--passkey-contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument(
+        "--passkey-contexts",
+        type=int,
+        nargs="*",
+        default=[1024, 2048, 4096],
+        help="pass-key lengths (the flag alone: fidelity only, no pass keys)",
+    )
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--passkey-seeds", type=int, default=8, help="pass keys per (length, depth)")
     p.add_argument("--threads", type=int, default=2)
@@ -181,7 +187,7 @@ def _pk(r: dict) -> str:
 
 
 def render(results: dict) -> str:
-    """Markdown: fidelity per (heads, source, context), then pass keys with Wilson 95% intervals."""
+    """Markdown: fidelity per (heads, source, context), then pass keys (if any) with Wilson 95% intervals."""
     lines = [
         "| heads | source | context | texts | achieved CR | KL (nats/tok) | KL after window | token match |",
         "|---|---|---|---|---|---|---|---|",
@@ -192,6 +198,8 @@ def render(results: dict) -> str:
                 cells = [name, src, c, r["n"], f"{r['compression_ratio']:.2f}", f"{r['kl_per_token']:.4f}"]
                 cells += [f"{r['kl_per_token_after_window']:.4f}", f"{r['token_match']:.3f}"]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if not any(e["passkey"] for e in results["methods"].values()):
+        return "\n".join(lines)
     lines += [
         "",
         "| heads | pass-key context | DMS (95% CI) | uncompressed (95% CI) | achieved CR |",

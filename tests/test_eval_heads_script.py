@@ -52,3 +52,12 @@ def test_eval_heads_reports_every_source_and_wilson_intervals(tmp_path, monkeypa
     assert "95% CI" in md and f"{entry['passkey']['700']['correct']}/3" in md
     assert out.with_suffix(".png").stat().st_size > 0
     assert res["methods"]["heads"]["window_size"] == 4
+
+    # the flag alone: fidelity only, no pass-key table
+    only = tmp_path / "res" / "fidelity_only.json"
+    argv = [*argv[: argv.index("--passkey-contexts") + 1], *argv[argv.index("--passkey-depths") :]]
+    eval_heads.main([*argv[:-1], str(only)])
+    saved = json.loads(only.read_text())
+    assert saved["methods"]["heads"]["passkey"] == {} and "passkey_uncompressed" not in saved
+    assert saved["methods"]["heads"]["fidelity"] == entry["fidelity"]
+    assert "pass-key" not in only.with_suffix(".md").read_text()
