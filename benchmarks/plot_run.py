@@ -38,8 +38,10 @@ def read_log(run_dir: Path) -> list[dict]:
 
 def read_selections(run_dir: Path) -> list[dict]:
     """Every ``selection_cr*.json`` record of the run, by target."""
-    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("selection_cr*.json"))]
-    return sorted(records, key=lambda r: r["target_compression_ratio"])
+    records = [
+        {**json.loads(p.read_text()), "file": p.name} for p in sorted(run_dir.glob("selection_cr*.json"))
+    ]
+    return sorted(records, key=lambda r: (r["target_compression_ratio"], r.get("from_step") or 0, r["file"]))
 
 
 def windows(log: list[dict], every: int) -> list[dict]:
@@ -82,14 +84,18 @@ def render(name: str, rows: list[dict], selections: list[dict]) -> str:
         lines += [
             "",
             f"## Snapshots scored for CR {sel['target_compression_ratio']:g} "
-            f"({sel['rows']} x {sel['context']} training-split tokens; {sel['rule']})",
+            f"({sel['rows']} x {sel['context']} training-split tokens; {sel['rule']}; "
+            f"record `{sel['file']}`)",
             "",
-            "| step | achieved CR | KL past the window | |",
-            "|---|---|---|---|",
+            "| step | achieved CR | KL past the window | calibrated: offset, CR, KL | |",
+            "|---|---|---|---|---|",
         ]
+        calibrated = {c["step"]: c for c in sel.get("calibrated_candidates", [])}
         for s in sel["snapshots"]:
             mark = "chosen" if s["step"] == chosen else ""
-            lines.append(f"| {s['step']} | {s['compression_ratio']:.2f} | {s['kl']:.4f} | {mark} |")
+            c = calibrated.get(s["step"])
+            cal = f"{c['logit_offset']:+.3f}, {c['compression_ratio']:.2f}, {c['kl']:.4f}" if c else ""
+            lines.append(f"| {s['step']} | {s['compression_ratio']:.2f} | {s['kl']:.4f} | {cal} | {mark} |")
     return "\n".join(lines)
 
 

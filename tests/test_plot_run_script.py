@@ -43,6 +43,10 @@ def test_windows_selection_and_outputs(tmp_path, monkeypatch):
         "snapshots": snaps,
     }
     (run / "selection_cr4.json").write_text(json.dumps(sel))
+    calibrated = {"step": 4, "logit_offset": 4.5, "compression_ratio": 4.2, "kl": 0.035}
+    (run / "selection_cr4_later.json").write_text(
+        json.dumps({**sel, "from_step": 4, "snapshots": snaps[1:], "calibrated_candidates": [calibrated]})
+    )
     out = tmp_path / "res" / "curve.json"
     payload = plot_run.main([str(run), "--every", "2", "--out", str(out)])
     first, second, third = payload["windows"]
@@ -51,7 +55,9 @@ def test_windows_selection_and_outputs(tmp_path, monkeypatch):
     assert second["target_eviction_rate"] == pytest.approx(0.25) and second["target_cr"] == 5.0
     assert payload["steps"] == 5
     md = (tmp_path / "res" / "curve.md").read_text()
-    assert "| 4 | 4.20 | 0.0300 | chosen |" in md and "| 2 | 3.50 | 0.0100 |  |" in md
+    assert "| 4 | 4.20 | 0.0300 |  | chosen |" in md and "| 2 | 3.50 | 0.0100 |  |  |" in md
+    assert "| 4 | 4.20 | 0.0300 | +4.500, 4.20, 0.0350 | chosen |" in md  # the calibrated record
+    assert md.index("record `selection_cr4.json`") < md.index("record `selection_cr4_later.json`")
     assert (tmp_path / "res" / "curve.png").stat().st_size > 1000
 
 
