@@ -716,3 +716,20 @@ def test_new_heads_for_one_label_recompute_only_that_labels_methods(tmp_path, mo
         (r["task"], r["method"]): r for r in resumed["records"] if r["round"] == 0 and r["budget"] == "cr8"
     }
     assert old.keys() == new.keys() and old != new  # the cr8 records are the new heads'
+
+
+def test_a_partial_run_from_before_groups_resumes_only_under_its_own_key(tmp_path):
+    """A ``results.partial.json`` without per-group keys (written before they existed) resumes every
+    group when the whole-comparison key matches, and nothing otherwise."""
+    from modelopt_dms.evaluation import harness
+
+    path = tmp_path / harness.PARTIAL_NAME
+    records = [{"round": r, "budget": b, "method": m} for r in (0, 1) for b, m in ((None, "u"), ("cr4", "d"))]
+    path.write_text(json.dumps({"key": "k", "rounds_completed": 2, "records": records}))
+    keys = {"uncompressed": "u1", "cr4": "c1"}
+    got, done = harness._resume(str(path), "k", keys, 3, log=lambda _m: None)
+    assert done == {"uncompressed": 2, "cr4": 2} and got == records
+    got, done = harness._resume(str(path), "k", keys, 1, log=lambda _m: None)  # fewer rounds asked
+    assert done == {"uncompressed": 1, "cr4": 1} and got == records[:2]
+    got, done = harness._resume(str(path), "other", keys, 3, log=lambda _m: None)
+    assert done == {"uncompressed": 0, "cr4": 0} and got == []
