@@ -44,8 +44,8 @@ __all__ = [
     "PARTIAL_NAME",
     "build_methods",
     "comparison_key",
+    "comparison_keys",
     "evaluate_sample",
-    "group_keys",
     "results_from_partial",
     "run_comparison",
     "save_results",
@@ -205,7 +205,7 @@ def run_comparison(
     cells = task_cells(cfg)
     log(f"[eval] {len(methods)} methods x {len(cells)} task cells x up to {cfg.rounds} rounds")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    key, keys = comparison_key(cfg, model_name), group_keys(cfg, model_name)
+    key, keys = comparison_keys(cfg, model_name)
     partial_path = os.path.join(cfg.out_dir, PARTIAL_NAME)
     records, done = _resume(partial_path, key, keys, cfg.rounds, log)
     first = min(done.values())
@@ -229,17 +229,16 @@ def run_comparison(
             sample = _make_sample(cell, rnd, tok, stream, windows, cfg)
             bar.set_description(f"round {rnd + 1} {sample.key}")
             run = _methods_to_run(methods, todo, scored=sample.scored is not None)
-            bar.update(runs_per_round // len(cells) - len(run))
+            bar.update(len(methods) - len(run))  # the methods this round skips
             for rec in evaluate_sample(sample, run, tok, on_method=lambda _n: bar.update(1)):
                 if _group(rec["budget"]) in todo:
                     records.append({**rec, "round": rnd})
         round_s, last_runs = time.time() - t_round, runs
         done.update({g: rnd + 1 for g in todo})
         _write_partial(partial_path, key, keys, done, records)
-    rounds_done = min(done.values())
-    records = _in_order(records, cells, methods)
     bar.close()
-    records = [r for r in records if r["round"] < rounds_done]
+    rounds_done = min(done.values())
+    records = _in_order([r for r in records if r["round"] < rounds_done], cells, methods)
     methods_meta = [{"name": m.name, "family": m.family, "budget": m.budget} for m in methods]
     meta = _meta(cfg, model_name, key, rounds_done, first, time.time() - t_start, methods_meta)
     return {"meta": meta, "records": records}
@@ -305,23 +304,22 @@ def comparison_key(cfg: EvalConfig, model_name: str) -> str:
     The model, every setting but the round count, time budget, output folder and threads, and the
     bytes of every adapter file.
     """
-    heads = {label: _heads_digest(folder) for label, folder in sorted(cfg.adapters.items())}
-    return _digest({**_settings(cfg, model_name), "adapters": heads})
+    return comparison_keys(cfg, model_name)[0]
 
 
-def group_keys(cfg: EvalConfig, model_name: str) -> dict[str, str]:
-    """One digest per method group: ``uncompressed``, and each budget or adapters label.
+def comparison_keys(cfg: EvalConfig, model_name: str) -> tuple[str, dict[str, str]]:
+    """:func:`comparison_key` and one digest per method group, hashing each adapter file once.
 
-    Every key covers the model and settings (as :func:`comparison_key`); a label's key adds the
-    bytes of that label's adapter files only, so other heads leave it unchanged.
+    The groups are ``uncompressed`` and each budget or adapters label. Every group key covers the
+    model and settings; a label's key adds the bytes of that label's adapter files only, so other
+    heads leave it unchanged.
     """
     settings = _settings(cfg, model_name)
-    keys = {_group(None): _digest(settings)}
+    heads = {label: _heads_digest(folder) for label, folder in sorted(cfg.adapters.items())}
+    groups = {_group(None): _digest(settings)}
     for label in sorted({*cfg.budgets, *cfg.adapters}):
-        folder = cfg.adapters.get(label)
-        heads = _heads_digest(folder) if folder else None
-        keys[label] = _digest({**settings, "group": label, "adapters": heads})
-    return keys
+        groups[label] = _digest({**settings, "group": label, "adapters": heads.get(label)})
+    return _digest({**settings, "adapters": heads}), groups
 
 
 def _settings(cfg: EvalConfig, model_name: str) -> dict:
