@@ -219,13 +219,30 @@ def test_bad_base_chains_are_refused(tmp_path, files, match):
 
 
 def test_an_eval_recipe_can_have_a_base(tmp_path):
-    committed = RECIPES / "eval_smollm2_135m_short.yaml"
+    committed = RECIPES / "eval_smollm2_135m.yaml"
     raw = yaml.safe_load(committed.read_text())
     _write(tmp_path, raw, "base.yaml")
     got = load_eval_recipe(_write(tmp_path, {"base": "base.yaml", "eval": {"rounds": 3}}, "e.yaml"))
     assert got.eval.rounds == 3
     same = load_eval_recipe(committed).eval.model_dump(exclude={"rounds"})
     assert got.eval.model_dump(exclude={"rounds"}) == same
+
+
+def test_the_committed_eval_subsets_are_cells_of_the_full_comparison():
+    """The 1K-2K and multi-turn recipes inherit the full comparison and only drop cells or presses."""
+    full = load_eval_recipe(RECIPES / "eval_smollm2_135m.yaml").eval
+    for name, changed in [
+        ("eval_smollm2_135m_short.yaml", {"needle_contexts", "time_budget_min", "out_dir"}),
+        (
+            "eval_smollm2_135m_multi_turn.yaml",
+            {"fp8_kv", "presses", "fidelity_contexts", "needle_contexts", "multi_needle_contexts"}
+            | {"time_budget_min", "out_dir"},
+        ),
+    ]:
+        part = load_eval_recipe(RECIPES / name).eval
+        assert part.model_dump(exclude=changed) == full.model_dump(exclude=changed), name
+        assert set(part.needle_contexts) <= set(full.needle_contexts)
+        assert set(part.presses) <= set(full.presses) and part.out_dir != full.out_dir
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "*.yaml"))), ids=lambda p: Path(p).name)
