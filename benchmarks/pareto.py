@@ -88,7 +88,11 @@ def verdict(p: dict) -> str:
     worst = min((g for c, g in p["passkey_gap"].items() if str(c) in contexts), default=0.0)
     if worst < -gap:
         misses.append(f"pass key {100 * worst:+.0f} pts")
-    return f"{name}: " + ("meets" if not misses else "misses " + ", ".join(misses))
+    unmeasured = [c for c in contexts if c not in {str(k) for k in p["passkey_gap"]}]
+    said = f"{name}: " + ("meets" if not misses else "misses " + ", ".join(misses))
+    if unmeasured:  # a target checked only in part is not met
+        said += ("" if misses else " where measured") + f"; no pass keys at {', '.join(unmeasured)}"
+    return said
 
 
 def render(points: list[dict]) -> str:

@@ -28,6 +28,8 @@ def test_points_and_verdicts(tmp_path, monkeypatch):
             # CR 8's pass-key target is at 1K and 2K only; CR 4's includes 4K
             "good8_weak4k": _method(8.2, 0.09, 0.91, {"1024": 0.95, "2048": 0.45, "4096": 0.1}),
             "cr4_weak4k": _method(4.2, 0.03, 0.96, {"1024": 1.0, "2048": 0.5, "4096": 0.1}),
+            "cr4_all": _method(4.2, 0.03, 0.96, {"1024": 0.96, "2048": 0.5, "4096": 0.5}),
+            "fidelity_only": _method(8.3, 0.06, 0.92, {}),
         },
     }
     (tmp_path / "heads.json").write_text(json.dumps(heads))
@@ -43,12 +45,17 @@ def test_points_and_verdicts(tmp_path, monkeypatch):
         ["--heads", str(tmp_path / "heads.json"), "--ablation", str(tmp_path / "abl.json"), "--out", str(out)]
     )
     verdicts = {p["label"]: pareto.verdict(p) for p in payload["points"]}
-    assert verdicts["good4 [heads]"] == "CR 4: meets"
+    assert verdicts["good4 [heads]"] == "CR 4: meets where measured; no pass keys at 4096"
     assert verdicts["bad8 [heads]"] == "CR 8: misses KL 0.200 > 0.1, match 0.85 < 0.9, pass key -50 pts"
     assert verdicts["low [heads]"] == "below CR 4 (3.50)"
     assert verdicts["good8_weak4k [heads]"] == "CR 8: meets"
     assert verdicts["cr4_weak4k [heads]"] == "CR 4: misses pass key -40 pts"
-    assert verdicts["ablation:v"] == "CR 4: misses KL 0.050 > 0.04, match 0.90 < 0.95"
+    assert verdicts["cr4_all [heads]"] == "CR 4: meets"
+    assert verdicts["fidelity_only [heads]"] == "CR 8: meets where measured; no pass keys at 1024, 2048"
+    assert (
+        verdicts["ablation:v"]
+        == "CR 4: misses KL 0.050 > 0.04, match 0.90 < 0.95; no pass keys at 2048, 4096"
+    )
     assert {p["label"]: p["tokens"] for p in payload["points"]}["ablation:v"] == 1000
     md = out.with_suffix(".md").read_text()
     assert "| good4 [heads] |" in md and out.with_suffix(".png").exists()
@@ -87,8 +94,8 @@ def test_points_labels_tokens_and_verdict(tmp_path, monkeypatch):
     assert b["label"] == "x [old_eval]" and b["tokens"] is None  # unknown, not guessed
     assert abs(a["compression_ratio"] - 4.1) < 1e-9 and abs(a["kl"] - 0.04) < 1e-9
     assert abs(a["passkey_gap"]["1024"] + 0.05) < 1e-9 and a["passkey_gap"]["2048"] == 0.0
-    assert pareto.verdict(a) == "CR 4: meets"
-    assert pareto.verdict({**a, "kl": 0.06}) == "CR 4: misses KL 0.060 > 0.04"
+    assert pareto.verdict(a) == "CR 4: meets where measured; no pass keys at 4096"
+    assert pareto.verdict({**a, "kl": 0.06}) == "CR 4: misses KL 0.060 > 0.04; no pass keys at 4096"
     out = tmp_path / "res" / "p.json"
     pareto.main(["--heads", str(old), "--tokens", "x [old_eval]=77", "--out", str(out)])
     assert json.loads(out.read_text())["points"][0]["tokens"] == 77
