@@ -110,29 +110,38 @@ def render(points: list[dict]) -> str:
 
 
 def plot(points: list[dict], png: Path) -> None:
+    """Two rows of three panels (KL, token match, pass-key gap against CR and training tokens). Heads are
+    numbered in order of training tokens (the legend names them) and coloured by the target their CR
+    reaches; the equal-budget ablations are small grey dots, unlabelled (their table has the names)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ablations = [p for p in points if p["label"].startswith("ablation:")]
+    heads = sorted((p for p in points if p not in ablations), key=lambda p: p["tokens"] or 0)
+    colour = {"CR 8": "tab:orange", "CR 4": "tab:blue"}
+
+    def target_of(p: dict) -> str:
+        return "CR 8" if p["compression_ratio"] >= TARGETS["CR 8"][0] else "CR 4"
+
     metrics = [("kl", "KL per token (nats)"), ("token_match", "token match (top-1)"), ("gap", "pass-key gap")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5))
     for row, xkey in enumerate(("compression_ratio", "tokens")):
         for col, (ykey, ylabel) in enumerate(metrics):
             ax = axes[row, col]
-            for p in points:
-                x = p[xkey]
-                if x is None:
+
+            def y_of(p: dict, ykey: str = ykey) -> float:
+                return min(p["passkey_gap"].values(), default=float("nan")) if ykey == "gap" else p[ykey]
+
+            for p in ablations:
+                if p[xkey] is not None:
+                    ax.scatter(p[xkey], y_of(p), s=14, color="grey", alpha=0.6)
+            for i, p in enumerate(heads, 1):
+                if p[xkey] is None:
                     continue
-                y = min(p["passkey_gap"].values(), default=float("nan")) if ykey == "gap" else p[ykey]
-                ax.scatter(x, y, s=40)
-                ax.annotate(
-                    p["label"].removeprefix("ablation:"),
-                    (x, y),
-                    fontsize=6,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+                ax.scatter(p[xkey], y_of(p), s=40, color=colour[target_of(p)])
+                ax.annotate(str(i), (p[xkey], y_of(p)), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if xkey == "compression_ratio":
                 for name, (cr, kl, match, gap, _) in TARGETS.items():
                     bound = {"kl": kl, "token_match": match, "gap": -gap}[ykey]
@@ -144,9 +153,13 @@ def plot(points: list[dict], png: Path) -> None:
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
     axes[0, 2].set_title("worst pass-key accuracy minus uncompressed", fontsize=8)
+    names = [f"{i}: {p['label']} (CR {p['compression_ratio']:.2f})" for i, p in enumerate(heads, 1)]
+    if ablations:
+        names.append(f"grey: {len(ablations)} equal-budget ablations")
+    fig.text(0.01, 0.01, "\n".join(names), fontsize=6.5, va="bottom", family="monospace")
     title = "trained DMS heads against the quality targets (SmolLM2-135M, clean held-out text)"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 + 0.0125 * len(names), 1, 1))
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
