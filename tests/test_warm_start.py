@@ -117,8 +117,8 @@ def test_artifact_without_lora_leaves_attached_deltas_at_zero(tmp_path):
     assert all(d.lora_b.abs().max() == 0 for d in lora_deltas(model).values())
 
 
-def test_a_new_target_compression_ratio_may_start_from_other_heads(trained):
-    """Heads trained towards one CR start a run towards another: the target is not part of the forward."""
+def test_a_new_target_or_window_may_start_from_other_heads(trained):
+    """Heads trained towards one CR (or window) start a run towards another; another offset is refused."""
     source, seqs, heads = trained
     assert dms.dms_config(source).target_compression_ratio != 16.0
     model = dms.apply_dms(tiny_model("llama", seed=0), {"window_size": 4, "target_compression_ratio": 16.0})
@@ -127,6 +127,12 @@ def test_a_new_target_compression_ratio_may_start_from_other_heads(trained):
     for n, t in _trainable(source).items():
         assert torch.equal(dict(model.named_parameters())[n], t), n
     assert dms.dms_config(model).target_compression_ratio == 16.0
+    wider = dms.apply_dms(tiny_model("llama", seed=0), {"window_size": 8})  # a run that trains another window
+    attach_lora(wider, rank=2, alpha=16.0)
+    init_trainable_from(wider, heads)
+    for n, t in _trainable(source).items():
+        assert torch.equal(dict(wider.named_parameters())[n], t), n
+    assert dms.dms_config(wider).window_size == 8 != dms.dms_config(source).window_size
     other_offset = dms.apply_dms(tiny_model("llama", seed=0), {"window_size": 4, "logit_offset": 6.0})
     attach_lora(other_offset, rank=2, alpha=16.0)
     _refused(other_offset, heads, r"logit_offset: saved 5\.0 vs run 6\.0")

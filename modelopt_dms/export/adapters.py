@@ -494,8 +494,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- warm start
-# DMS config keys that steer training only: a warm start may change them.
-_TRAINING_GOALS = frozenset({"target_compression_ratio"})
+# DMS config keys a warm start may change: the training goal, and the window the new run trains the
+# heads for (heads trained with one window start a run that teaches them another).
+_WARM_START_MAY_CHANGE = frozenset({"target_compression_ratio", "window_size"})
 
 
 def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -506,8 +507,9 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
     training them and its artifact still fits the original base weights. An artifact without deltas
     leaves attached deltas at their zero start. Everything is checked before anything changes.
 
-    ``target_compression_ratio`` may differ: it is the run's training goal, not part of what the model
-    computes, so heads trained for CR 4 can start a CR-8 run.
+    ``target_compression_ratio`` may differ (the run's training goal: heads trained for CR 4 can start a
+    CR-8 run), and so may ``window_size`` (the run trains the heads for its own window; what they were
+    saved with is their starting point, not what the new run computes).
 
     Returns the artifact's record. Raises ValueError naming the problem and the fix: another DMS
     config (e.g. a calibrated ``logit_offset``), other layers or shapes, deltas the model has no room
@@ -516,7 +518,7 @@ def init_trainable_from(model: nn.Module, path: str | os.PathLike) -> dict[str, 
     where = user_path(path)
     record, tensors = _read_artifact(where)
     saved_config = _normalise_config(record["dms_config"], where)
-    saved_config = {k: v for k, v in saved_config.items() if k not in _TRAINING_GOALS}
+    saved_config = {k: v for k, v in saved_config.items() if k not in _WARM_START_MAY_CHANGE}
     text = _config_differences(saved_config, _current_config(model), "run")
     if text:
         raise ValueError(
