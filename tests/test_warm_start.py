@@ -156,9 +156,9 @@ def test_mismatches_are_refused_and_change_nothing(trained, tmp_path):
     other_base, _ = build(seed=5)
     attach_lora(other_base, rank=2, alpha=16.0)
     _refused(other_base, heads, "other base weights")
-    model = dms.apply_dms(tiny_model("llama", seed=0), {"window_size": 8})
+    model = dms.apply_dms(tiny_model("llama", seed=0), {"window_size": 4, "temperature": 0.2})
     attach_lora(model, rank=2, alpha=16.0)
-    _refused(model, heads, r"window_size: saved 4 vs run 8")
+    _refused(model, heads, r"temperature: saved 0\.1 vs run 0\.2")  # the window may differ, the rest not
     _refused(no_lora, tmp_path / "missing", "does not exist")
 
 
