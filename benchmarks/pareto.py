@@ -74,12 +74,23 @@ def points_from_ablation(path: Path) -> list[dict]:
     ]
 
 
+def _target_reached(p: dict) -> str | None:
+    """The highest target whose CR the point reaches (None below every target's CR)."""
+    reached = [name for name, t in TARGETS.items() if p["compression_ratio"] >= t[0]]
+    return reached[-1] if reached else None
+
+
+def _y(p: dict, ykey: str) -> float:
+    """A point's value on a plot's y axis: a metric, or ``gap`` = its worst pass-key gap."""
+    return min(p["passkey_gap"].values(), default=float("nan")) if ykey == "gap" else p[ykey]
+
+
 def verdict(p: dict) -> str:
     """Which target the point meets, or what it misses against the nearest one below its CR."""
-    reached = [(name, t) for name, t in TARGETS.items() if p["compression_ratio"] >= t[0]]
-    if not reached:
+    name = _target_reached(p)
+    if name is None:
         return f"below CR 4 ({p['compression_ratio']:.2f})"
-    name, (_, kl, match, gap, contexts) = reached[-1]
+    _, kl, match, gap, contexts = TARGETS[name]
     misses = []
     if p["kl"] > kl:
         misses.append(f"KL {p['kl']:.3f} > {kl}")
@@ -119,29 +130,25 @@ def plot(points: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     ablations = [p for p in points if p["label"].startswith("ablation:")]
-    heads = sorted((p for p in points if p not in ablations), key=lambda p: p["tokens"] or 0)
-    colour = {"CR 8": "tab:orange", "CR 4": "tab:blue"}
-
-    def target_of(p: dict) -> str:
-        return "CR 8" if p["compression_ratio"] >= TARGETS["CR 8"][0] else "CR 4"
+    heads = sorted(
+        (p for p in points if not p["label"].startswith("ablation:")), key=lambda p: p["tokens"] or 0
+    )
+    colour = {"CR 8": "tab:orange", "CR 4": "tab:blue", None: "tab:blue"}  # judged against CR 4 below it
 
     metrics = [("kl", "KL per token (nats)"), ("token_match", "token match (top-1)"), ("gap", "pass-key gap")]
     fig, axes = plt.subplots(2, 3, figsize=(14, 8.5))
     for row, xkey in enumerate(("compression_ratio", "tokens")):
         for col, (ykey, ylabel) in enumerate(metrics):
             ax = axes[row, col]
-
-            def y_of(p: dict, ykey: str = ykey) -> float:
-                return min(p["passkey_gap"].values(), default=float("nan")) if ykey == "gap" else p[ykey]
-
             for p in ablations:
                 if p[xkey] is not None:
-                    ax.scatter(p[xkey], y_of(p), s=14, color="grey", alpha=0.6)
+                    ax.scatter(p[xkey], _y(p, ykey), s=14, color="grey", alpha=0.6)
             for i, p in enumerate(heads, 1):
                 if p[xkey] is None:
                     continue
-                ax.scatter(p[xkey], y_of(p), s=40, color=colour[target_of(p)])
-                ax.annotate(str(i), (p[xkey], y_of(p)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                x, y = p[xkey], _y(p, ykey)
+                ax.scatter(x, y, s=40, color=colour[_target_reached(p)])
+                ax.annotate(str(i), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             if xkey == "compression_ratio":
                 for name, (cr, kl, match, gap, _) in TARGETS.items():
                     bound = {"kl": kl, "token_match": match, "gap": -gap}[ykey]
